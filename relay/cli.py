@@ -1,0 +1,306 @@
+"""The `relay` command: presentation only. Library errors become one clean line and an exit code.
+
+Exit codes: 0 success; 1 an operation failed (unknown queue id, queue unreadable); 2 bad usage or
+an invalid configuration (click's own convention for usage errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from relay import config as config_module
+from relay.config import Config, ConfigError
+from relay.store import HELD, MessageRow, StorageError, Store, UnknownMessage
+
+T = TypeVar("T")
+
+CONFIG_HELP = "Configuration file (TOML). Default: $RELAY_CONFIG, else /etc/relay/relay.toml."
+DEFAULT_CONFIG = "/etc/relay/relay.toml"
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"relay: {message}", err=True)
+    sys.exit(code)
+
+
+def _load_config(path: str | None) -> tuple[Config, str]:
+    chosen = path or config_module.default_path() or DEFAULT_CONFIG
+    try:
+        return config_module.load(chosen), chosen
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(2)
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help=CONFIG_HELP
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(metadata.version("relay"), prog_name="relay")
+def main() -> None:
+    """relay: a backup MX that stores mail for your domains and redelivers it to the primary."""
+
+
+@main.command()
+@config_option
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Log line format (overrides log.format).",
+)
+def serve(config_path: str | None, log_format: str | None) -> None:
+    """Run the relay: accept mail for the configured domains and redeliver it."""
+    from relay import service
+
+    cfg, chosen = _load_config(config_path)
+    service.setup_logging(log_format or cfg.log.format)
+    try:
+        asyncio.run(service.serve(cfg, chosen))
+    except StorageError as exc:
+        _fail(f"cannot start: {exc}")
+    except OSError as exc:
+        _fail(f"cannot start: {exc.strerror or exc}")
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path: str | None) -> None:
+    """Validate a configuration file: exit 0, or 2 with one line per problem."""
+    cfg, chosen = _load_config(config_path)
+    domains = ", ".join(d.name for d in cfg.domains)
+    click.echo(f"{chosen}: ok (hostname {cfg.hostname}; domains: {domains})")
+
+
+def _open_store(config_path: str | None) -> Store:
+    cfg, _ = _load_config(config_path)
+    try:
+        return Store(cfg.queue.path)
+    except StorageError as exc:
+        _fail(str(exc))
+
+
+def _with_store(config_path: str | None, action: Callable[[Store], T]) -> T:
+    store = _open_store(config_path)
+    try:
+        return action(store)
+    except UnknownMessage as exc:
+        _fail(f"no such message in the queue: {', '.join(exc.ids)}")
+    except StorageError as exc:
+        _fail(f"queue error: {exc}")
+    finally:
+        store.close()
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _age(seconds: float) -> str:
+    """Two units at most, like "3d4h" or "4m12s": enough to read at a glance."""
+    seconds = max(0, int(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for index, (unit, size) in enumerate(units[:-1]):
+        if seconds >= size:
+            small_unit, small_size = units[index + 1]
+            rest = (seconds % size) // small_size
+            return f"{seconds // size}{unit}" + (f"{rest}{small_unit}" if rest else "")
+    return f"{seconds}s"
+
+
+def message_json(row: MessageRow) -> dict[str, Any]:
+    """The `relay queue --json` object (a contract: keep the field names)."""
+    return {
+        "id": row.id,
+        "sender": row.sender,
+        "recipients": [
+            {
+                "address": r.address,
+                "state": r.state,
+                "attempts": r.attempts,
+                "last_reply": r.last_reply,
+                "next_attempt_at": _rfc3339(r.next_attempt_at) if r.state == "queued" else None,
+                "notify": r.notify,
+                "orcpt": r.orcpt,
+            }
+            for r in row.recipients
+        ],
+        "size": row.size,
+        "received_at": _rfc3339(row.received_at),
+        "state": row.state,
+        "attempts": row.attempt_count,
+        "next_attempt_at": _rfc3339(row.next_attempt_at),
+        "last_error": row.last_error,
+    }
+
+
+def _listing(rows: Sequence[MessageRow], now: float) -> str:
+    """A `mailq`-like listing: '!' marks a held message, as in Postfix."""
+    if not rows:
+        return "Mail queue is empty"
+    lines = [f"{'-Queue ID-':<20} {'-Age-':>6} {'-Size-':>9}  -Sender/Recipient-"]
+    recipients = 0
+    total = 0
+    held = 0
+    for row in rows:
+        mark = "!" if row.state == HELD else " "
+        held += row.state == HELD
+        total += row.size
+        sender = row.sender or "<>"
+        lines.append(
+            f"{row.id + mark:<20} {_age(now - row.received_at):>6} {row.size:>9}  {sender}"
+        )
+        for r in row.recipients:
+            recipients += 1
+            detail = f"{r.state}, {r.attempts} attempt{'s' if r.attempts != 1 else ''}"
+            if r.state == "queued" and row.state != HELD and r.attempts:
+                detail += f", next in {_age(r.next_attempt_at - now)}"
+            lines.append(f"{'':<39}{r.address}  ({detail})")
+            if r.last_reply and r.state != "delivered":
+                lines.append(f"{'':<41}{r.last_reply}")
+        lines.append("")
+    kbytes = (total + 1023) // 1024
+    held_text = f" ({held} held)" if held else ""
+    lines.append(
+        f"-- {kbytes} Kbytes in {len(rows)} message{'s' if len(rows) != 1 else ''}{held_text},"
+        f" {recipients} recipient{'s' if recipients != 1 else ''}."
+    )
+    return "\n".join(lines)
+
+
+@main.group(invoke_without_command=True)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a listing.")
+@click.pass_context
+def queue(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """List the queue like `mailq`, or manage it with a subcommand.
+
+    Works on the queue database whether the server runs or not; a running server picks up
+    changes within two seconds.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _with_store(config_path, lambda store: store.list_messages())
+    if as_json:
+        click.echo(json.dumps([message_json(r) for r in rows], indent=2, ensure_ascii=False))
+    else:
+        click.echo(_listing(rows, time.time()))
+
+
+def _queue_config(ctx: click.Context, config_path: str | None) -> str | None:
+    return config_path or ctx.obj.get("config_path")
+
+
+@queue.command()
+@click.argument("message_id")
+@click.option("--body", is_flag=True, help="Also print the message as stored (like postcat -b).")
+@config_option
+@click.pass_context
+def show(ctx: click.Context, message_id: str, body: bool, config_path: str | None) -> None:
+    """Show one message: envelope, per-recipient state, every attempt (like `postcat`)."""
+
+    def read(store: Store) -> tuple[MessageRow, bytes | None]:
+        row = store.get(message_id)
+        if row is None:
+            raise UnknownMessage([message_id])
+        return row, store.body(message_id) if body else None
+
+    row, data = _with_store(_queue_config(ctx, config_path), read)
+    out = [
+        f"id: {row.id}",
+        f"state: {row.state}",
+        f"sender: <{row.sender}>",
+        f"size: {row.size}",
+        f"received_at: {_rfc3339(row.received_at)}",
+        f"client: [{row.client_ip}] helo={row.helo}",
+        f"smtputf8: {'yes' if row.smtputf8 else 'no'}",
+        f"body: {'8BITMIME' if row.eightbit else '7BIT'}",
+    ]
+    if row.envid or row.ret:
+        out.append(f"dsn: envid={row.envid or '-'} ret={row.ret or '-'}")
+    out.append("recipients:")
+    for r in row.recipients:
+        extra = "".join(f" {k}={v}" for k, v in (("notify", r.notify), ("orcpt", r.orcpt)) if v)
+        out.append(f"  <{r.address}> {r.state}, attempts={r.attempts}{extra}")
+        if r.state == "queued":
+            out.append(f"    next attempt: {_rfc3339(r.next_attempt_at)}")
+        if r.last_reply:
+            out.append(f"    last reply: {r.last_reply}")
+    out.append("attempts:")
+    out += [
+        f"  {_rfc3339(a.at)} <{a.address}> via {a.host or '-'}: {a.reply}" for a in row.attempts
+    ]
+    if not row.attempts:
+        out.append("  (none yet)")
+    click.echo("\n".join(out))
+    if data is not None:
+        click.echo("-" * 20 + " message " + "-" * 20)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+def _operator_command(
+    name: str, help_text: str, action: Callable[[Store, Sequence[str]], list[str]], verb: str
+) -> None:
+    @queue.command(name=name, help=help_text)
+    @click.argument("message_ids", nargs=-1, required=name != "flush")
+    @config_option
+    @click.pass_context
+    def command(ctx: click.Context, message_ids: tuple[str, ...], config_path: str | None) -> None:
+        done = _with_store(
+            _queue_config(ctx, config_path), lambda store: action(store, list(message_ids))
+        )
+        if name == "flush" and not message_ids:
+            click.echo(f"{verb} {len(done)} message{'s' if len(done) != 1 else ''}")
+            return
+        for message_id in done:
+            click.echo(f"{message_id}: {verb}")
+
+
+_operator_command(
+    "hold",
+    "Put messages on hold: kept, never delivered (like `postsuper -h`).",
+    lambda s, ids: s.hold(ids),
+    "held",
+)
+_operator_command(
+    "release",
+    "Release held messages and make them due now (like `postsuper -H`).",
+    lambda s, ids: s.release(ids),
+    "released",
+)
+_operator_command(
+    "delete",
+    "Delete messages from the queue, without a bounce (like `postsuper -d`).",
+    lambda s, ids: s.delete(ids),
+    "deleted",
+)
+_operator_command(
+    "flush",
+    "Make queued mail due now: all of it, or the given ids (like `postqueue -f`/`-i`).",
+    lambda s, ids: s.flush(ids),
+    "flushed",
+)
+_operator_command(
+    "bounce",
+    "Fail the remaining recipients of messages; their senders get a DSN.",
+    lambda s, ids: s.request_bounce(ids),
+    "bounce requested",
+)

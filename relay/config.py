@@ -1,0 +1,507 @@
+"""Load and validate the relay's TOML configuration into frozen dataclasses.
+
+Defaults → file → environment overrides → one validation pass. Every problem found is reported at
+once, each naming the file, the key and what is wrong, so an operator fixes a file in one go rather
+than one error per restart. No I/O beyond reading the file and checking the queue directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 25
+TLS_MODES = ("none", "opportunistic", "require", "verify")
+VERIFY_MODES = ("none", "callout")
+ACCEPT_MODES = ("always", "when_primary_down")
+EXPIRY_ACTIONS = ("bounce", "hold")
+UNKNOWN_WHILE_DOWN = ("tempfail", "accept")
+LOG_FORMATS = ("text", "json")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration file; `problems` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "30s", "10m", "4h", "5d", "1w" or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 10m, 4h or 5d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if not isinstance(value, str) or not (match := _DURATION.match(value.lower())):
+        raise ValueError(f"bad duration {value!r}: expected a number with s, m, h, d or w")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(value: object) -> int:
+    """Bytes from "512K", "50M", "1G" (powers of 1024) or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512K, 50M or 1G")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if not isinstance(value, str) or not (match := _SIZE.match(value)):
+        raise ValueError(f"bad size {value!r}: expected a number with K, M, G or T")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_hostport(value: object, default_port: int | None = None) -> tuple[str, int]:
+    """("host", port) from "host:port", "1.2.3.4:25", "[::1]:25" (or bare host with a default)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'expected "host:port", got {value!r}')
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad address {value!r}: missing ']'")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address {value!r}")
+    elif text.count(":") > 1:
+        host, port_text = text, ""  # a bare IPv6 literal
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError(f"bad address {value!r}: empty host")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"bad address {value!r}: expected host:port")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {value!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", 25), ("::", 25))
+    max_message_size: int = 50 * 1024**2
+    max_recipients: int = 100
+    max_hops: int = 50
+    etrn_clients: tuple[str, ...] = ()
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+    max_messages_per_session: int = 100
+    max_unknown_recipients: int = 20
+    rate_per_ip: int = 120
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_line_length: int = 2048
+    max_inflight_bytes: int = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    path: str = "/var/lib/relay/queue.db"
+    lifetime: float = 5 * 86400.0
+    on_expiry: str = "bounce"
+    min_free_space: int = 1024**3
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    concurrency: int = 20
+    per_host_concurrency: int = 5
+    probe_interval: float = 5.0
+    mx_port: int = DEFAULT_PORT
+    timeout: float = 300.0
+    cafile: str = ""
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    min: float = 60.0
+    max: float = 600.0
+    warn_after: float | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = ("127.0.0.1", 9325)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    primary: tuple[str, ...] = ()
+    tls: str = "opportunistic"
+    recipients: tuple[str, ...] = ()
+    recipients_file: str = ""
+    verify: str = "none"
+    verify_positive_ttl: float = 7 * 86400.0
+    verify_negative_ttl: float = 3600.0
+    verify_unknown_while_down: str = "tempfail"
+    accept: str = "always"
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str
+    domains: tuple[DomainConfig, ...]
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"
+    _by_name: dict[str, DomainConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {d.name: d for d in self.domains})
+
+    def domain(self, name: str) -> DomainConfig | None:
+        """The configured domain for `name`: case-insensitive and exact (no implied subdomains)."""
+        return self._by_name.get(name.lower().rstrip("."))
+
+
+class _Reader:
+    """Walks one TOML table, converting values and collecting problems instead of raising."""
+
+    def __init__(self, source: str, table: Mapping[str, Any], prefix: str, problems: list[str]):
+        self.source = source
+        self.table = table
+        self.prefix = prefix
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {self.key(name)}: {message}")
+
+    def get(self, name: str, default: T, convert: Callable[[Any], T]) -> T:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        try:
+            return convert(self.table[name])
+        except (ValueError, TypeError) as exc:
+            self.problem(name, str(exc))
+            return default
+
+    def finish(self) -> None:
+        for name in self.table:
+            if name not in self.seen:
+                self.problem(name, "unknown key")
+
+
+def _int(minimum: int = 0) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return convert
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _listen(value: Any) -> tuple[tuple[str, int], ...]:
+    items = [value] if isinstance(value, str) else _strings(value)
+    if not items:
+        raise ValueError("needs at least one host:port")
+    return tuple(parse_hostport(item) for item in items)
+
+
+def _optional_listen(value: Any) -> tuple[str, int] | None:
+    if value in ("", False):
+        return None
+    return parse_hostport(value)
+
+
+def _optional_duration(value: Any) -> float | None:
+    if value in ("", 0, False, "off"):
+        return None
+    return parse_duration(value)
+
+
+def _nameservers(value: Any) -> tuple[str, ...]:
+    servers = _strings(value)
+    for server in servers:
+        host, _ = parse_hostport(server, default_port=53)
+        ipaddress.ip_address(host)  # raises ValueError naming the bad address
+    return servers
+
+
+def _etrn_clients(value: Any) -> tuple[str, ...]:
+    clients = _strings(value)
+    for client in clients:
+        ipaddress.ip_network(client, strict=False)
+    return clients
+
+
+def _domain_name(value: Any) -> str:
+    name = _text(value).strip().lower().rstrip(".")
+    if not name or not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", name.encode("idna").decode()):
+        raise ValueError(f"bad domain name {value!r}")
+    return name
+
+
+def _primaries(value: Any) -> tuple[str, ...]:
+    hops = _strings(value)
+    for hop in hops:
+        parse_hostport(hop, default_port=DEFAULT_PORT)
+    return hops
+
+
+def _read_smtp(r: _Reader) -> SmtpConfig:
+    d = SmtpConfig()
+    return SmtpConfig(
+        listen=r.get("listen", d.listen, _listen),
+        max_message_size=r.get("max_message_size", d.max_message_size, parse_size),
+        max_recipients=r.get("max_recipients", d.max_recipients, _int(1)),
+        max_hops=r.get("max_hops", d.max_hops, _int(1)),
+        etrn_clients=r.get("etrn_clients", d.etrn_clients, _etrn_clients),
+        max_connections=r.get("max_connections", d.max_connections, _int(1)),
+        max_connections_per_ip=r.get("max_connections_per_ip", d.max_connections_per_ip, _int(1)),
+        max_messages_per_session=r.get(
+            "max_messages_per_session", d.max_messages_per_session, _int(1)
+        ),
+        max_unknown_recipients=r.get("max_unknown_recipients", d.max_unknown_recipients, _int(1)),
+        rate_per_ip=r.get("rate_per_ip", d.rate_per_ip, _int(0)),
+        command_timeout=r.get("command_timeout", d.command_timeout, parse_duration),
+        data_timeout=r.get("data_timeout", d.data_timeout, parse_duration),
+        max_line_length=r.get("max_line_length", d.max_line_length, _int(512)),
+        max_inflight_bytes=r.get("max_inflight_bytes", d.max_inflight_bytes, parse_size),
+    )
+
+
+def _read_tls(r: _Reader) -> TlsConfig:
+    tls = TlsConfig(cert=r.get("cert", "", _text), key=r.get("key", "", _text))
+    if bool(tls.cert) != bool(tls.key):
+        r.problem("cert" if not tls.cert else "key", "cert and key must be set together")
+    for name in ("cert", "key"):
+        path = getattr(tls, name)
+        if path and not os.access(path, os.R_OK):
+            r.problem(name, f"cannot read {path}")
+    return tls
+
+
+def _read_queue(r: _Reader) -> QueueConfig:
+    d = QueueConfig()
+    return QueueConfig(
+        path=r.get("path", d.path, _text),
+        lifetime=r.get("lifetime", d.lifetime, parse_duration),
+        on_expiry=r.get("on_expiry", d.on_expiry, _choice(EXPIRY_ACTIONS)),
+        min_free_space=r.get("min_free_space", d.min_free_space, parse_size),
+    )
+
+
+def _read_delivery(r: _Reader) -> DeliveryConfig:
+    d = DeliveryConfig()
+    return DeliveryConfig(
+        concurrency=r.get("concurrency", d.concurrency, _int(1)),
+        per_host_concurrency=r.get("per_host_concurrency", d.per_host_concurrency, _int(1)),
+        probe_interval=r.get("probe_interval", d.probe_interval, parse_duration),
+        mx_port=r.get("mx_port", d.mx_port, _int(1)),
+        timeout=r.get("timeout", d.timeout, parse_duration),
+        cafile=r.get("cafile", d.cafile, _text),
+    )
+
+
+def _read_retry(r: _Reader) -> RetryConfig:
+    d = RetryConfig()
+    retry = RetryConfig(
+        min=r.get("min", d.min, parse_duration),
+        max=r.get("max", d.max, parse_duration),
+        warn_after=r.get("warn_after", d.warn_after, _optional_duration),
+    )
+    if retry.min <= 0:
+        r.problem("min", "must be greater than 0")
+    if retry.max < retry.min:
+        r.problem("max", f"must not be less than retry.min ({retry.min:g}s)")
+    return retry
+
+
+def _read_domain(r: _Reader) -> DomainConfig | None:
+    name = r.get("name", "", _domain_name)
+    d = DomainConfig(name=name)
+    domain = DomainConfig(
+        name=name,
+        primary=r.get("primary", d.primary, _primaries),
+        tls=r.get("tls", d.tls, _choice(TLS_MODES)),
+        recipients=r.get("recipients", d.recipients, _strings),
+        recipients_file=r.get("recipients_file", d.recipients_file, _text),
+        verify=r.get("verify", d.verify, _choice(VERIFY_MODES)),
+        verify_positive_ttl=r.get("verify_positive_ttl", d.verify_positive_ttl, parse_duration),
+        verify_negative_ttl=r.get("verify_negative_ttl", d.verify_negative_ttl, parse_duration),
+        verify_unknown_while_down=r.get(
+            "verify_unknown_while_down", d.verify_unknown_while_down, _choice(UNKNOWN_WHILE_DOWN)
+        ),
+        accept=r.get("accept", d.accept, _choice(ACCEPT_MODES)),
+    )
+    if "name" not in r.table:
+        r.problem("name", "missing: every [[domain]] needs a name")
+        return None
+    if domain.recipients_file and not os.access(domain.recipients_file, os.R_OK):
+        r.problem("recipients_file", f"cannot read {domain.recipients_file}")
+    return domain if name else None
+
+
+def _table(value: Any, source: str, key: str, problems: list[str]) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    problems.append(f"{source}: {key}: expected a table, got {value!r}")
+    return {}
+
+
+def _check_queue_dir(source: str, path: str, problems: list[str]) -> None:
+    """The queue directory must be writable or creatable: fail at start, not at the first 250."""
+    directory = Path(path).expanduser().resolve().parent
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        what = "not writable" if probe == directory else f"cannot be created under {probe}"
+        problems.append(f"{source}: queue.path: directory {directory} is {what}")
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validates a parsed TOML document; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    top = _Reader(source, data, "", problems)
+    hostname = top.get("hostname", "", _text).strip().rstrip(".") or socket.getfqdn()
+
+    def section(name: str) -> _Reader:
+        top.seen.add(name)
+        return _Reader(
+            source, _table(data.get(name, {}), source, name, problems), f"{name}.", problems
+        )
+
+    readers = {name: section(name) for name in ("smtp", "tls", "queue", "delivery", "retry")}
+    readers |= {name: section(name) for name in ("metrics", "dns", "log")}
+    smtp = _read_smtp(readers["smtp"])
+    tls = _read_tls(readers["tls"])
+    queue = _read_queue(readers["queue"])
+    delivery = _read_delivery(readers["delivery"])
+    retry = _read_retry(readers["retry"])
+    metrics = MetricsConfig(
+        listen=readers["metrics"].get("listen", MetricsConfig().listen, _optional_listen)
+    )
+    dns = DnsConfig(nameservers=readers["dns"].get("nameservers", (), _nameservers))
+    log = LogConfig(format=readers["log"].get("format", "text", _choice(LOG_FORMATS)))
+
+    top.seen.add("domain")
+    raw_domains = data.get("domain", [])
+    if not isinstance(raw_domains, list):
+        problems.append(f"{source}: domain: expected [[domain]] tables")
+        raw_domains = []
+    domains: list[DomainConfig] = []
+    for index, raw in enumerate(raw_domains):
+        reader = _Reader(source, _table(raw, source, f"domain[{index}]", problems), "", problems)
+        reader.prefix = f"domain[{index}]."
+        domain = _read_domain(reader)
+        reader.finish()
+        if domain is None:
+            continue
+        if any(d.name == domain.name for d in domains):
+            problems.append(f"{source}: domain[{index}].name: {domain.name} is listed twice")
+        domains.append(domain)
+    if not raw_domains:
+        problems.append(
+            f"{source}: domain: no [[domain]] configured: the relay would accept nothing"
+        )
+
+    for reader in (top, *readers.values()):
+        reader.finish()
+    _check_queue_dir(source, queue.path, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        hostname=hostname,
+        domains=tuple(domains),
+        smtp=smtp,
+        tls=tls,
+        queue=queue,
+        delivery=delivery,
+        retry=retry,
+        metrics=metrics,
+        dns=dns,
+        log=log,
+        source=source,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Reads and validates a TOML file. Relative queue/TLS paths stay relative to the cwd."""
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
+    return from_mapping(data, source)
+
+
+def default_path() -> str | None:
+    """The config named by RELAY_CONFIG, the operator's override of the packaged default."""
+    return os.environ.get("RELAY_CONFIG") or None

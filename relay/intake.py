@@ -1,0 +1,555 @@
+"""SMTP intake: every inbound policy decision and every reply text lives here.
+
+`RelaySMTP` is aiosmtpd's protocol with the parts a backup MX needs done differently: ESMTP
+parameters of RFC 3461 (DSN) kept with their original case, RFC 3463 enhanced codes, and a DATA
+phase that reads in large chunks and keeps the bytes exactly as sent (aiosmtpd reads DATA line by
+line, which bounds throughput on large messages to one slow core). `IntakeHandler` holds the
+policy: which recipients we accept (our domains only: never an open relay), loop detection, the
+Received trace header, and the rule that 250 follows only the durable commit of the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from relay import metrics
+from relay.config import Config
+from relay.store import AsyncStore, NewMessage, NewRecipient, StorageError, new_queue_id
+
+log = logging.getLogger("relay.intake")
+
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_NOTIFY_VALUES = {"SUCCESS", "FAILURE", "DELAY"}
+_XTEXT = re.compile(r"^[\x21-\x7e]{1,100}$")
+# Sender-specified routing (RFC 5321 3.6.1, Postfix's allow_untrusted_routing=no): a relay must
+# not pass on addresses that would make the primary forward elsewhere.
+_ROUTING_CHARS = set("%!@")
+_DATA_CHUNK = 64 * 1024
+_TERMINATOR = b"\r\n.\r\n"
+
+
+class Reply:
+    """The reply texts, in one place, so docs/operations.md can list what we send and why."""
+
+    MAIL_OK = "250 2.1.0 Ok"
+    RCPT_OK = "250 2.1.5 Ok"
+    RSET_OK = "250 2.0.0 Ok"
+    DATA_GO = "354 End data with <CR><LF>.<CR><LF>"
+    QUEUED = "250 2.0.0 Ok: queued as {id}"
+    RELAY_DENIED = "550 5.7.1 <{address}>: Relay access denied"
+    BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
+    ROUTED_RECIPIENT = "550 5.7.1 <{address}>: sender-specified routing is not accepted"
+    TOO_MANY_RECIPIENTS = "452 4.5.3 Error: too many recipients"
+    TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
+    TOO_MANY_HOPS = "554 5.4.6 Too many hops: mail forwarding loop"
+    STORAGE_ERROR = "451 4.3.0 Error: queue file write error"
+    NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
+    NEED_MAIL = "503 5.5.1 Error: need MAIL command"
+    NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+    NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
+    MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"
+    RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address> [parameters]"
+    DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+    BAD_ADDRESS = "553 5.1.3 Error: malformed address"
+    BAD_PARAMETER = "555 5.5.4 Unsupported parameter {name}"
+    BAD_PARAMETER_VALUE = "501 5.5.4 Bad value for parameter {name}"
+    SMTPUTF8_NEEDED = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
+    NO_AUTH = "502 5.5.1 AUTH not supported: this is a mail exchanger"
+
+
+class RelaySession(Session):
+    """aiosmtpd's session plus the counters our policy keeps per connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.messages = 0
+        self.unknown_recipients = 0
+        self.closed = False
+
+    @property
+    def client_ip(self) -> str:
+        peer = self.peer
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the RFC 3461 parameters and the BODY type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recipients: list[NewRecipient] = []
+        self.envid: str | None = None
+        self.ret: str | None = None
+        self.eightbit = False
+
+
+def _params(text: str) -> dict[str, str | None] | None:
+    """ESMTP parameters as {UPPER-NAME: value-as-sent}, or None when malformed (RFC 5321 4.1.2)."""
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        name, eq, value = item.partition("=")
+        if not name or not name.replace("-", "").isalnum() or (eq and not value):
+            return None
+        params[name.upper()] = value if eq else None
+    return params
+
+
+class RelaySMTP(SMTP):
+    """The SMTP protocol as a backup MX speaks it. Parsing only; decisions go to the handler."""
+
+    def __init__(self, handler: IntakeHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.relay_handler = handler
+        self.command_size_limit = handler.config.smtp.max_line_length
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
+
+    @property
+    def relay_session(self) -> RelaySession:
+        assert isinstance(self.session, RelaySession)
+        return self.session
+
+    @property
+    def relay_envelope(self) -> RelayEnvelope:
+        assert isinstance(self.envelope, RelayEnvelope)
+        return self.envelope
+
+    def _reset_state(self) -> None:
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    @property
+    def max_command_size_limit(self) -> int:
+        return int(self.command_size_limit)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self.relay_handler.connection_opened(self.relay_session)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        if isinstance(session, RelaySession) and not session.closed:
+            session.closed = True
+            self.relay_handler.connection_closed(session)
+        super().connection_lost(error)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._reset_state()
+        self.relay_session.extended_smtp = True
+        self.relay_session.host_name = hostname
+        lines = [
+            self.hostname,
+            f"SIZE {self.data_size_limit}" if self.data_size_limit else "SIZE",
+            "8BITMIME",
+            "SMTPUTF8",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
+        lines += self.relay_handler.extra_extensions(self.relay_session)
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        lines.append("HELP")
+        for line in lines[:-1]:
+            await self.push(f"250-{line}")
+        await self.push(f"250 {lines[-1]}")
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        await self.push(Reply.NO_AUTH)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self._reset_state()
+        await self.push(Reply.RSET_OK)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not self.relay_session.host_name:
+            await self.push(Reply.NEED_HELO)
+            return
+        envelope = self.relay_envelope
+        if envelope.mail_from is not None:
+            await self.push(Reply.NESTED_MAIL)
+            return
+        rest = self._strip_command_keyword("FROM:", arg or "")
+        if not rest:
+            await self.push(Reply.MAIL_SYNTAX)
+            return
+        address, param_text = self._getaddr(rest)
+        if address is None:
+            await self.push(Reply.BAD_ADDRESS)
+            return
+        params = _params(param_text or "")
+        if params is None or (params and not self.relay_session.extended_smtp):
+            await self.push(Reply.MAIL_SYNTAX)
+            return
+        if (problem := self._take_mail_params(params, envelope)) is not None:
+            await self.push(problem)
+            return
+        sender = "" if address == "<>" else address
+        if not envelope.smtp_utf8 and not sender.isascii():
+            await self.push(Reply.SMTPUTF8_NEEDED)
+            return
+        reply = await self.relay_handler.mail(self.relay_session, envelope, sender)
+        if reply.startswith("2"):
+            envelope.mail_from = sender
+        await self.push(reply)
+
+    def _take_mail_params(
+        self, params: dict[str, str | None], envelope: RelayEnvelope
+    ) -> str | None:
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit():
+                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                if self.data_size_limit and int(value) > self.data_size_limit:
+                    metrics.messages_rejected.labels("too_big").inc()
+                    return Reply.TOO_BIG
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                envelope.eightbit = value.upper() == "8BITMIME"
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                envelope.smtp_utf8 = True
+            elif name == "RET":
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                envelope.ret = value.upper()
+            elif name == "ENVID":
+                if value is None or not _XTEXT.match(value):
+                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                envelope.envid = value
+            else:
+                return Reply.BAD_PARAMETER.format(name=name)
+        return None
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not self.relay_session.host_name:
+            await self.push(Reply.NEED_HELO)
+            return
+        envelope = self.relay_envelope
+        if envelope.mail_from is None:
+            await self.push(Reply.NEED_MAIL)
+            return
+        rest = self._strip_command_keyword("TO:", arg or "")
+        if not rest:
+            await self.push(Reply.RCPT_SYNTAX)
+            return
+        address, param_text = self._getaddr(rest)
+        if not address or address == "<>":
+            await self.push(Reply.BAD_ADDRESS)
+            return
+        params = _params(param_text or "")
+        if params is None or (params and not self.relay_session.extended_smtp):
+            await self.push(Reply.RCPT_SYNTAX)
+            return
+        notify, orcpt = params.pop("NOTIFY", None), params.pop("ORCPT", None)
+        if params:
+            await self.push(Reply.BAD_PARAMETER.format(name=next(iter(params))))
+            return
+        if notify is not None:
+            values = {v.upper() for v in notify.split(",")}
+            if not (values == {"NEVER"} or (values and values <= _NOTIFY_VALUES)):
+                await self.push(Reply.BAD_PARAMETER_VALUE.format(name="NOTIFY"))
+                return
+            notify = ",".join(sorted(values))
+        if orcpt is not None and (";" not in orcpt or not _XTEXT.match(orcpt)):
+            await self.push(Reply.BAD_PARAMETER_VALUE.format(name="ORCPT"))
+            return
+        if not envelope.smtp_utf8 and not address.isascii():
+            await self.push(Reply.SMTPUTF8_NEEDED)
+            return
+        recipient = NewRecipient(address, notify=notify, orcpt=orcpt)
+        reply = await self.relay_handler.rcpt(self.relay_session, envelope, recipient)
+        duplicate = any(r.address.lower() == address.lower() for r in envelope.recipients)
+        if reply.startswith("2") and not duplicate:  # a repeated RCPT is delivered once
+            envelope.recipients.append(recipient)
+            envelope.rcpt_tos.append(address)
+        await self.push(reply)
+        if reply.startswith("421"):
+            self._close()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if not self.relay_session.host_name:
+            await self.push(Reply.NEED_HELO)
+            return
+        if self.relay_envelope.mail_from is None:
+            await self.push(Reply.NEED_MAIL)
+            return
+        if not self.relay_envelope.rcpt_tos:
+            await self.push(Reply.NEED_RCPT)
+            return
+        if arg:
+            await self.push(Reply.DATA_SYNTAX)
+            return
+        await self.push(Reply.DATA_GO)
+        content = await self._read_data()
+        envelope = self.relay_envelope
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if content is None:
+            metrics.messages_rejected.labels("too_big").inc()
+            await self.push(Reply.TOO_BIG)
+            return
+        await self.push(await self.relay_handler.data(self.relay_session, envelope, content))
+
+    async def _read_data(self) -> bytes | None:
+        """Reads up to the lone dot; None when the message exceeded the size limit.
+
+        The bytes are kept exactly as sent, apart from undoing dot-stuffing (RFC 5321 4.5.2).
+        A line ends only at CRLF: a bare LF or CR is content, as in aiosmtpd's own reader.
+        """
+        limit = self.data_size_limit or 0
+        timeout = self.relay_handler.config.smtp.data_timeout
+        # A virtual CRLF in front lets an empty message (".\r\n" at once) match the terminator.
+        buffer = bytearray(b"\r\n")
+        received = 0
+        discarded = 0
+        searched_to = 0
+        while True:
+            self._reset_timeout(timeout)
+            chunk = await self._reader.read(_DATA_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            received += len(chunk)
+            buffer += chunk
+            end = buffer.find(_TERMINATOR, searched_to)
+            if end >= 0:
+                self._unread(bytes(buffer[end + len(_TERMINATOR) :]))
+                del buffer[end + 2 :]
+                break
+            searched_to = max(0, len(buffer) - len(_TERMINATOR) + 1)
+            if limit and received > limit:
+                # Keep reading to the terminator so the reply lands after DATA (RFC 5321
+                # 4.2.5), but keep only a tail long enough to spot it.
+                cut = max(0, len(buffer) - len(_TERMINATOR))
+                del buffer[:cut]
+                discarded += cut
+                searched_to = 0
+        self._reset_timeout()
+        if limit and discarded + end > limit:
+            return None
+        return bytes(buffer).replace(b"\r\n.", b"\r\n")[2:]
+
+    def _unread(self, data: bytes) -> None:
+        """Gives back what a pipelining client sent after the final dot (e.g. QUIT).
+
+        asyncio.StreamReader has no unread(); its buffer is a bytearray that aiosmtpd itself
+        manipulates (STARTTLS), so prepending there is the least surprising way.
+        """
+        if data:
+            self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
+
+
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipient: str | None,
+    when: float,
+    tls: str | None,
+) -> bytes:
+    """The RFC 5321 4.4 trace header, folded, as bytes to prepend to the message."""
+    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    lines = [f"Received: from {_clean(helo)} ([{client_ip}])"]
+    lines.append(f"\tby {hostname} (relay) with {protocol} id {queue_id}")
+    if tls:
+        lines.append(f"\t({tls})")
+    if recipient:
+        lines.append(f"\tfor <{recipient}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def _clean(text: str) -> str:
+    """A HELO argument is client-controlled: keep it printable and bounded in our header."""
+    cleaned = "".join(c if c.isascii() and c.isprintable() and c not in "()" else "?" for c in text)
+    return cleaned[:255] or "unknown"
+
+
+def count_received(content: bytes) -> int:
+    end = content.find(b"\r\n\r\n")
+    header = content if end < 0 else content[: end + 2]
+    return len(_RECEIVED.findall(header))
+
+
+def recipient_problem(address: str) -> str | None:
+    """Syntax a backup MX refuses before looking at domains (RFC 5321 4.1.2, 3.6.1)."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return Reply.BAD_RECIPIENT
+    if _ROUTING_CHARS & set(local):
+        return Reply.ROUTED_RECIPIENT.format(address=address)
+    return None
+
+
+@dataclass
+class IntakeHandler:
+    """Every inbound decision. Gets the config through a callable so SIGHUP reloads apply."""
+
+    get_config: Callable[[], Config]
+    store: AsyncStore
+    clock: Callable[[], float] = time.time
+    on_accepted: Callable[[NewMessage], None] | None = None
+    sessions: set[RelaySession] = field(default_factory=set)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def config(self) -> Config:
+        return self.get_config()
+
+    def connection_opened(self, session: RelaySession) -> None:
+        self.sessions.add(session)
+        self.idle.clear()
+        metrics.smtp_connections.inc()
+        metrics.smtp_connections_total.inc()
+        log.info("connect from [%s]", session.client_ip)
+
+    def connection_closed(self, session: RelaySession) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self.idle.set()
+        metrics.smtp_connections.dec()
+        log.info("disconnect from [%s]", session.client_ip)
+
+    def extra_extensions(self, session: RelaySession) -> list[str]:
+        return []
+
+    async def mail(self, session: RelaySession, envelope: RelayEnvelope, sender: str) -> str:
+        return Reply.MAIL_OK
+
+    async def rcpt(
+        self, session: RelaySession, envelope: RelayEnvelope, recipient: NewRecipient
+    ) -> str:
+        config = self.config
+        if (problem := recipient_problem(recipient.address)) is not None:
+            metrics.messages_rejected.labels("bad_recipient").inc()
+            return problem
+        if config.domain(recipient.domain) is None:
+            metrics.messages_rejected.labels("relay_denied").inc()
+            log.info(
+                "reject RCPT from [%s]: relay denied to=<%s>",
+                session.client_ip,
+                recipient.address,
+            )
+            return Reply.RELAY_DENIED.format(address=recipient.address)
+        if len(envelope.recipients) >= config.smtp.max_recipients:
+            metrics.messages_rejected.labels("too_many_recipients").inc()
+            return Reply.TOO_MANY_RECIPIENTS
+        return Reply.RCPT_OK
+
+    async def data(self, session: RelaySession, envelope: RelayEnvelope, content: bytes) -> str:
+        config = self.config
+        hops = count_received(content)
+        if hops > config.smtp.max_hops:
+            metrics.messages_rejected.labels("too_many_hops").inc()
+            log.info("reject DATA from [%s]: %d hops", session.client_ip, hops)
+            return Reply.TOO_MANY_HOPS
+        now = self.clock()
+        queue_id = new_queue_id(now)
+        recipients = tuple(envelope.recipients)
+        header = received_header(
+            helo=session.host_name or "",
+            client_ip=session.client_ip,
+            hostname=config.hostname,
+            protocol=_protocol(session, envelope),
+            queue_id=queue_id,
+            recipient=recipients[0].address if len(recipients) == 1 else None,
+            when=now,
+            tls=_tls_description(session),
+        )
+        message = NewMessage(
+            id=queue_id,
+            sender=envelope.mail_from or "",
+            recipients=recipients,
+            body=header + content,
+            received_at=now,
+            client_ip=session.client_ip,
+            helo=session.host_name or "",
+            smtputf8=bool(envelope.smtp_utf8),
+            eightbit=envelope.eightbit,
+            envid=envelope.envid,
+            ret=envelope.ret,
+        )
+        try:
+            await self.store.put(message)
+        except StorageError as exc:
+            metrics.messages_rejected.labels("storage_error").inc()
+            log.error("reject DATA from [%s]: queue write failed: %s", session.client_ip, exc)
+            return Reply.STORAGE_ERROR
+        session.messages += 1
+        for domain in sorted({r.domain for r in recipients}):
+            metrics.messages_accepted.labels(domain).inc()
+        log.info(
+            "%s: accepted from=<%s> size=%d nrcpt=%d client=[%s] helo=%s",
+            queue_id,
+            message.sender,
+            len(message.body),
+            len(recipients),
+            session.client_ip,
+            _clean(message.helo),
+        )
+        if self.on_accepted is not None:
+            self.on_accepted(message)
+        return Reply.QUEUED.format(id=queue_id)
+
+
+def _protocol(session: RelaySession, envelope: RelayEnvelope) -> str:
+    """RFC 3848 / RFC 6531 3.7.3 "with" keywords."""
+    tls = session.ssl is not None
+    if not session.extended_smtp:
+        return "SMTPS" if tls else "SMTP"
+    base = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP"
+    return base + ("S" if tls else "")
+
+
+def _tls_description(session: RelaySession) -> str | None:
+    if session.ssl is None:
+        return None
+    ssl_object = session.ssl.get("ssl_object")
+    if ssl_object is None:
+        return "using TLS"
+    cipher = ssl_object.cipher()
+    return f"using {ssl_object.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+
+
+def client_allowed(address: str, networks: tuple[str, ...]) -> bool:
+    """Whether a client address falls in one of the configured networks (ETRN and the like)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net, strict=False) for net in networks)

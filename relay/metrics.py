@@ -1,0 +1,167 @@
+"""Every Prometheus metric the relay exports, declared in one place.
+
+The names are a contract with dashboards and alert rules (deploy/): add metrics, never rename them.
+Queue gauges are not kept here as running counts: `QueueCollector` reads them from the database at
+scrape time, so they are right from the first scrape after a restart and can never drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# `_created` series double the exposition for no dashboard's benefit.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# auto_describe stays off: `relay_smtp_connections` (gauge) and `relay_smtp_connections_total`
+# (counter) are both contract names, which prometheus-client's name-clash check would refuse.
+REGISTRY = CollectorRegistry(auto_describe=False)
+
+messages_accepted = Counter(
+    "relay_messages_accepted",
+    "Messages accepted and committed to the queue, by recipient domain.",
+    ["domain"],
+    registry=REGISTRY,
+)
+messages_rejected = Counter(
+    "relay_messages_rejected",
+    "Transactions or recipients refused at intake, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+deliveries = Counter(
+    "relay_deliveries",
+    "Per-recipient delivery outcomes: delivered, deferred or bounced.",
+    ["domain", "result"],
+    registry=REGISTRY,
+)
+delivery_duration = Histogram(
+    "relay_delivery_duration_seconds",
+    "Time from the start of an outbound SMTP transaction to its final reply.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+bounces = Counter(
+    "relay_bounces",
+    "Delivery status notifications generated (failed and delayed).",
+    registry=REGISTRY,
+)
+bounces_suppressed = Counter(
+    "relay_bounces_suppressed",
+    "DSNs not sent because the original sender was the null reverse-path (RFC 5321 4.5.5).",
+    registry=REGISTRY,
+)
+routing_failures = Counter(
+    "relay_routing_failures",
+    "Routing lookups that found no usable next hop, by kind (e.g. no_preferred_mx).",
+    ["domain", "kind"],
+    registry=REGISTRY,
+)
+primary_up = Gauge(
+    "relay_primary_up",
+    "1 while the last probe or delivery to the domain's primary succeeded, 0 while it fails.",
+    ["domain"],
+    registry=REGISTRY,
+)
+primary_last_success = Gauge(
+    "relay_primary_last_success_timestamp_seconds",
+    "Unix time of the last successful probe or delivery to the domain's primary.",
+    ["domain"],
+    registry=REGISTRY,
+)
+smtp_connections = Gauge(
+    "relay_smtp_connections",
+    "Inbound SMTP connections open now.",
+    registry=REGISTRY,
+)
+
+
+class _ConnectionsTotal(Collector):
+    """`relay_smtp_connections_total`, a counter sharing its stem with the gauge above."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def inc(self) -> None:
+        self._value += 1
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "relay_smtp_connections", "Inbound SMTP connections accepted since start."
+        )
+        family.add_metric([], self._value)
+        yield family
+
+
+smtp_connections_total = _ConnectionsTotal()
+REGISTRY.register(smtp_connections_total)
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What the queue gauges show, computed by the store in one read transaction."""
+
+    messages_by_state: dict[str, int]
+    recipients_by_domain: dict[str, int]
+    oldest_age_by_domain: dict[str, float]
+
+
+class QueueCollector(Collector):
+    """Reads the queue gauges from the database at scrape time (exact, restart-proof)."""
+
+    def __init__(self, snapshot: Callable[[], QueueSnapshot], domains: Iterable[str]) -> None:
+        self._snapshot = snapshot
+        self._domains = tuple(domains)
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._snapshot()
+        messages = GaugeMetricFamily(
+            "relay_queue_messages", "Messages in the queue, by state.", labels=["state"]
+        )
+        for state in ("queued", "held"):
+            messages.add_metric([state], snap.messages_by_state.get(state, 0))
+        recipients = GaugeMetricFamily(
+            "relay_queue_recipients",
+            "Recipients still waiting for delivery, by domain.",
+            labels=["domain"],
+        )
+        oldest = GaugeMetricFamily(
+            "relay_queue_oldest_message_age_seconds",
+            "Age of the oldest message with a recipient still waiting, by domain.",
+            labels=["domain"],
+        )
+        domains = sorted(set(self._domains) | set(snap.recipients_by_domain))
+        for domain in domains:
+            recipients.add_metric([domain], snap.recipients_by_domain.get(domain, 0))
+            oldest.add_metric([domain], snap.oldest_age_by_domain.get(domain, 0.0))
+        yield messages
+        yield recipients
+        yield oldest
+
+    def describe(self) -> Iterable[Metric]:
+        """Declares the names up front so that name clashes show at registration."""
+        yield GaugeMetricFamily("relay_queue_messages", "", labels=["state"])
+        yield GaugeMetricFamily("relay_queue_recipients", "", labels=["domain"])
+        yield GaugeMetricFamily("relay_queue_oldest_message_age_seconds", "", labels=["domain"])
+
+
+def metric_names() -> set[str]:
+    """Every sample name the relay can export (for tests of dashboards and alert rules)."""
+    names = {
+        "relay_queue_messages",
+        "relay_queue_recipients",
+        "relay_queue_oldest_message_age_seconds",
+    }
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            names.add(sample.name)
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + s for s in ("_bucket", "_count", "_sum"))
+    return names

@@ -1,0 +1,252 @@
+"""Wiring and lifecycle: the only place that builds the relay's objects and runs the loop.
+
+Start order matters for "never lose accepted mail": the queue is opened (and migrated) before any
+socket listens, and on shutdown the listeners close first, in-flight sessions get a grace period,
+and the queue's writer thread is drained last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay import config as config_module
+from relay import metrics
+from relay.config import Config
+from relay.intake import IntakeHandler, RelaySMTP
+from relay.store import AsyncStore, NewMessage, Store
+
+log = logging.getLogger("relay")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (`--log-format json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(fmt: str, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiosmtpd logs every command line at INFO; our own log lines carry what matters.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The inbound STARTTLS context, or None when no certificate is configured."""
+    if not cfg.tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    return context
+
+
+@dataclass
+class MetricsServer:
+    """`/metrics` and `/healthz` over a minimal HTTP/1.0 responder on the event loop.
+
+    Queue gauges read SQLite; that read runs in a worker thread with its own connection so a
+    scrape never stalls SMTP sessions.
+    """
+
+    store_path: str
+    healthy: Callable[[], bool]
+    _reader: Store | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> metrics.QueueSnapshot:
+        with self._lock:
+            if self._reader is None:
+                self._reader = Store(self.store_path)
+            return self._reader.snapshot()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)).strip():
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+            if path == "/metrics":
+                body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)
+                status, ctype = "200 OK", CONTENT_TYPE_LATEST
+            elif path == "/healthz":
+                ok = self.healthy()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body, ctype = (b"ok\n" if ok else b"not serving\n"), "text/plain"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+
+class Relay:
+    """The running server: listeners, queue, metrics endpoint, and (later) delivery."""
+
+    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = cfg
+        self.clock = clock
+        self.store = AsyncStore(cfg.queue.path, clock)
+        self.handler = IntakeHandler(
+            get_config=lambda: self.config,
+            store=self.store,
+            clock=clock,
+            on_accepted=self._accepted,
+        )
+        self.metrics_server = MetricsServer(cfg.queue.path, healthy=self._serving)
+        self._collector = metrics.QueueCollector(
+            self.metrics_server.snapshot, [d.name for d in cfg.domains]
+        )
+        self.smtp_servers: list[asyncio.Server] = []
+        self.http_server: asyncio.Server | None = None
+        self.stopped = asyncio.Event()
+        self._tls = tls_context(cfg)
+        self.mail_arrived = asyncio.Event()
+
+    def _serving(self) -> bool:
+        return bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
+
+    def _accepted(self, message: NewMessage) -> None:
+        self.mail_arrived.set()
+
+    def _protocol(self) -> RelaySMTP:
+        cfg = self.config
+        return RelaySMTP(
+            self.handler,
+            hostname=cfg.hostname,
+            ident="ESMTP relay",
+            data_size_limit=cfg.smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=self._tls,
+            timeout=cfg.smtp.command_timeout,
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        metrics.REGISTRY.register(self._collector)
+        for host, port in self.config.smtp.listen:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            server = await loop.create_server(
+                self._protocol, host=host, port=port, family=family, reuse_address=True
+            )
+            self.smtp_servers.append(server)
+            log.info("listening for SMTP on %s", _sockname(server))
+        if self.config.metrics.listen is not None:
+            host, port = self.config.metrics.listen
+            self.http_server = await asyncio.start_server(
+                self.metrics_server.handle, host=host, port=port
+            )
+            log.info("metrics on http://%s/metrics", _sockname(self.http_server))
+        log.info(
+            "relay started: hostname=%s domains=%s queue=%s",
+            self.config.hostname,
+            ",".join(d.name for d in self.config.domains),
+            self.config.queue.path,
+        )
+
+    @property
+    def smtp_addresses(self) -> list[tuple[str, int]]:
+        found = []
+        for server in self.smtp_servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                found.append((str(name[0]), int(name[1])))
+        return found
+
+    def reload(self, path: str) -> None:
+        """SIGHUP: re-read the config; keep the old one (and say why) if the new one is bad."""
+        try:
+            new = config_module.load(path)
+        except config_module.ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            return
+        if new.smtp.listen != self.config.smtp.listen or new.queue.path != self.config.queue.path:
+            log.warning("reload: smtp.listen and queue.path changes need a restart")
+        self.config = new
+        try:
+            self._tls = tls_context(new)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload: TLS certificate not loaded, keeping the old one: %s", exc)
+        log.info("configuration reloaded from %s", path)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        for server in self.smtp_servers:
+            server.close()
+        if self.http_server is not None:
+            self.http_server.close()
+        # Sessions in DATA finish their commit; what is still open after the grace period is
+        # cut, and its unacknowledged message is the client's to retry.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.handler.idle.wait(), grace)
+        with contextlib.suppress(KeyError):
+            metrics.REGISTRY.unregister(self._collector)
+        await asyncio.to_thread(self.store.close)
+        self.metrics_server.close()
+        self.stopped.set()
+        log.info("relay stopped")
+
+
+def _sockname(server: asyncio.Server) -> str:
+    names = []
+    for sock in server.sockets:
+        host, port = sock.getsockname()[:2]
+        names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return ", ".join(names)
+
+
+async def serve(cfg: Config, config_path: str) -> None:
+    """Runs until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+    relay = Relay(cfg)
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, relay.reload, config_path)
+    await stop.wait()
+    log.info("shutting down")
+    await relay.stop()

@@ -1,0 +1,696 @@
+"""The SQLite queue: the only module with SQL. Schema, migrations, and every read and write.
+
+Durability rule: a message is acknowledged (250) only after the transaction holding it has been
+committed with `synchronous=FULL` in WAL mode, i.e. the WAL has been fsynced. State is kept per
+recipient (attempts, last reply, next attempt) so a partial delivery is representable and a bounce
+names exactly the recipients that failed. Bodies live in their own table so that listing a queue
+of 100,000 messages never reads message bytes.
+
+`Store` is synchronous and owns one connection (used by the CLI and by the writer thread);
+`AsyncStore` serialises all server-side access through one writer thread and groups concurrent
+writes into one commit (group commit): each caller's future resolves only after the commit that
+contains its own work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue as stdlib_queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from relay.metrics import QueueSnapshot
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Message states (the operator's view) and recipient states (the delivery engine's view).
+QUEUED, HELD = "queued", "held"
+DELIVERED, FAILED = "delivered", "failed"
+
+_CROCKFORD = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+
+
+class StorageError(Exception):
+    """Any failure of the queue database. Intake answers 451 4.3.0 to it, never 250."""
+
+
+class UnknownMessage(Exception):
+    """Queue ids the operator named that are not in the queue."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        super().__init__(", ".join(ids))
+        self.ids = list(ids)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A Postfix-style long queue id: time-ordered (sorts by arrival), unique, greppable in logs."""
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    stamp = ""
+    while micros:
+        micros, digit = divmod(micros, len(_CROCKFORD))
+        stamp = _CROCKFORD[digit] + stamp
+    suffix = "".join(secrets.choice(_CROCKFORD) for _ in range(5))
+    return stamp + suffix
+
+
+@dataclass(frozen=True)
+class NewRecipient:
+    address: str
+    notify: str | None = None
+    orcpt: str | None = None
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message as accepted at intake, about to be committed."""
+
+    id: str
+    sender: str
+    recipients: tuple[NewRecipient, ...]
+    body: bytes
+    received_at: float
+    client_ip: str = ""
+    helo: str = ""
+    smtputf8: bool = False
+    eightbit: bool = False
+    envid: str | None = None
+    ret: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    at: float
+    address: str
+    host: str
+    reply: str
+
+
+@dataclass(frozen=True)
+class RecipientRow:
+    address: str
+    domain: str
+    state: str
+    attempts: int
+    last_reply: str | None
+    next_attempt_at: float
+    notify: str | None
+    orcpt: str | None
+    bounce_requested: bool = False
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: str
+    sender: str
+    size: int
+    received_at: float
+    state: str
+    client_ip: str
+    helo: str
+    smtputf8: bool
+    eightbit: bool
+    envid: str | None
+    ret: str | None
+    warned: bool
+    recipients: tuple[RecipientRow, ...]
+    attempts: tuple[Attempt, ...] = ()
+
+    @property
+    def pending(self) -> tuple[RecipientRow, ...]:
+        return tuple(r for r in self.recipients if r.state == QUEUED)
+
+    @property
+    def attempt_count(self) -> int:
+        return max((r.attempts for r in self.recipients), default=0)
+
+    @property
+    def next_attempt_at(self) -> float | None:
+        return min((r.next_attempt_at for r in self.pending), default=None)
+
+    @property
+    def last_error(self) -> str | None:
+        replies = [r.last_reply for r in self.pending if r.last_reply]
+        return replies[-1] if replies else None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one delivery attempt for one recipient, as the scheduler decided it."""
+
+    address: str
+    state: str  # QUEUED (deferred), DELIVERED or FAILED
+    reply: str
+    host: str = ""
+    next_attempt_at: float = 0.0
+
+
+_MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def _migration(
+    fn: Callable[[sqlite_utils.Database], None],
+) -> Callable[[sqlite_utils.Database], None]:
+    _MIGRATIONS.append(fn)
+    return fn
+
+
+@_migration
+def _v1_initial(db: sqlite_utils.Database) -> None:
+    db.table("messages").create(
+        {
+            "id": str,
+            "sender": str,
+            "size": int,
+            "received_at": float,
+            "state": str,
+            "client_ip": str,
+            "helo": str,
+            "smtputf8": int,
+            "eightbit": int,
+            "envid": str,
+            "ret": str,
+            "warned": int,
+        },
+        pk="id",
+        not_null={"sender", "size", "received_at", "state"},
+        defaults={"state": QUEUED, "smtputf8": 0, "eightbit": 0, "warned": 0},
+    )
+    db.table("bodies").create(
+        {"message_id": str, "data": bytes},
+        pk="message_id",
+        not_null={"data"},
+        foreign_keys=[("message_id", "messages", "id")],
+    )
+    db.table("recipients").create(
+        {
+            "message_id": str,
+            "address": str,
+            "domain": str,
+            "state": str,
+            "attempts": int,
+            "last_reply": str,
+            "next_attempt_at": float,
+            "notify": str,
+            "orcpt": str,
+            "bounce_requested": int,
+        },
+        pk=("message_id", "address"),
+        not_null={"domain", "state", "attempts", "next_attempt_at"},
+        defaults={"state": QUEUED, "attempts": 0, "bounce_requested": 0},
+        foreign_keys=[("message_id", "messages", "id")],
+    )
+    db.table("recipients").create_index(["state", "next_attempt_at"], index_name="recipients_due")
+    db.table("recipients").create_index(["domain", "state"], index_name="recipients_domain")
+    db.table("attempts").create(
+        {"message_id": str, "address": str, "at": float, "host": str, "reply": str},
+        not_null={"message_id", "at"},
+    )
+    db.table("attempts").create_index(["message_id"], index_name="attempts_message")
+
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """Opens the queue with the durability settings every connection must share."""
+    target = Path(path)
+    if str(path) != ":memory:":
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Create the file ourselves so it is 0600 from its first byte; SQLite gives the -wal and
+        # -shm files the same mode as the database.
+        os.close(os.open(target, os.O_RDWR | os.O_CREAT, 0o600))
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: every commit fsyncs the WAL before returning, which is what lets us say 250.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def _migrate(db: sqlite_utils.Database) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"queue schema version {version} is newer than this relay understands "
+            f"({SCHEMA_VERSION}): upgrade relay"
+        )
+    for number in range(version, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _MIGRATIONS[number](db)
+            db.execute(f"PRAGMA user_version={number + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+class Store:
+    """Synchronous access to the queue over one connection. Not shared between threads."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        try:
+            self.conn = _connect(path)
+            self.db = sqlite_utils.Database(self.conn)
+            _migrate(self.db)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open queue {path}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open queue {path}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def transaction(self, work: Callable[[Store], T]) -> T:
+        """Runs `work` in one IMMEDIATE transaction and commits it durably."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+        return result
+
+    # -- intake -------------------------------------------------------------------------------
+
+    def insert(self, message: NewMessage) -> None:
+        """Adds a message and its recipients; call inside a transaction."""
+        self.conn.execute(
+            "INSERT INTO messages (id, sender, size, received_at, state, client_ip, helo,"
+            " smtputf8, eightbit, envid, ret, warned) VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",
+            (
+                message.id,
+                message.sender,
+                len(message.body),
+                message.received_at,
+                QUEUED,
+                message.client_ip,
+                message.helo,
+                int(message.smtputf8),
+                int(message.eightbit),
+                message.envid,
+                message.ret,
+            ),
+        )
+        self.conn.execute(
+            "INSERT INTO bodies (message_id, data) VALUES (?, ?)", (message.id, message.body)
+        )
+        self.conn.executemany(
+            "INSERT INTO recipients (message_id, address, domain, state, attempts,"
+            " next_attempt_at, notify, orcpt) VALUES (?,?,?,?,0,?,?,?)",
+            [
+                (message.id, r.address, r.domain, QUEUED, message.received_at, r.notify, r.orcpt)
+                for r in message.recipients
+            ],
+        )
+
+    def put(self, message: NewMessage) -> None:
+        self.transaction(lambda store: store.insert(message))
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _messages(self, where: str, params: Sequence[Any], *, attempts: bool) -> list[MessageRow]:
+        rows = self.conn.execute(
+            "SELECT id, sender, size, received_at, state, client_ip, helo, smtputf8, eightbit,"
+            f" envid, ret, warned FROM messages {where} ORDER BY received_at, id",
+            params,
+        ).fetchall()
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        recipients: dict[str, list[RecipientRow]] = {i: [] for i in ids}
+        for chunk in _chunks(ids, 500):
+            marks = ",".join("?" * len(chunk))
+            for r in self.conn.execute(
+                "SELECT message_id, address, domain, state, attempts, last_reply, next_attempt_at,"
+                f" notify, orcpt, bounce_requested FROM recipients WHERE message_id IN ({marks})"
+                " ORDER BY rowid",
+                chunk,
+            ):
+                recipients[r[0]].append(
+                    RecipientRow(
+                        address=r[1],
+                        domain=r[2],
+                        state=r[3],
+                        attempts=r[4],
+                        last_reply=r[5],
+                        next_attempt_at=r[6],
+                        notify=r[7],
+                        orcpt=r[8],
+                        bounce_requested=bool(r[9]),
+                    )
+                )
+        history: dict[str, list[Attempt]] = {i: [] for i in ids}
+        if attempts:
+            for chunk in _chunks(ids, 500):
+                marks = ",".join("?" * len(chunk))
+                for a in self.conn.execute(
+                    "SELECT message_id, at, address, host, reply FROM attempts"
+                    f" WHERE message_id IN ({marks}) ORDER BY at, rowid",
+                    chunk,
+                ):
+                    history[a[0]].append(Attempt(*a[1:]))
+        return [
+            MessageRow(
+                id=row[0],
+                sender=row[1],
+                size=row[2],
+                received_at=row[3],
+                state=row[4],
+                client_ip=row[5] or "",
+                helo=row[6] or "",
+                smtputf8=bool(row[7]),
+                eightbit=bool(row[8]),
+                envid=row[9],
+                ret=row[10],
+                warned=bool(row[11]),
+                recipients=tuple(recipients[row[0]]),
+                attempts=tuple(history[row[0]]),
+            )
+            for row in rows
+        ]
+
+    def list_messages(self) -> list[MessageRow]:
+        return self._messages("", (), attempts=False)
+
+    def get(self, message_id: str, *, attempts: bool = True) -> MessageRow | None:
+        found = self._messages("WHERE id = ?", (message_id,), attempts=attempts)
+        return found[0] if found else None
+
+    def body(self, message_id: str) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT data FROM bodies WHERE message_id = ?", (message_id,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def due(self, now: float, limit: int = 500, exclude: Iterable[str] = ()) -> list[MessageRow]:
+        """Messages with at least one recipient due now, oldest first; held messages never."""
+        skip = set(exclude)
+        ids: list[str] = []
+        for (message_id,) in self.conn.execute(
+            "SELECT DISTINCT r.message_id FROM recipients r JOIN messages m ON m.id = r.message_id"
+            " WHERE r.state = ? AND r.next_attempt_at <= ? AND m.state = ?"
+            " ORDER BY r.next_attempt_at LIMIT ?",
+            (QUEUED, now, QUEUED, limit + len(skip)),
+        ):
+            if message_id not in skip:
+                ids.append(message_id)
+            if len(ids) >= limit:
+                break
+        found: list[MessageRow] = []
+        for chunk in _chunks(ids, 500):
+            marks = ",".join("?" * len(chunk))
+            found += self._messages(f"WHERE id IN ({marks})", chunk, attempts=False)
+        return found
+
+    def next_due_at(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT MIN(r.next_attempt_at) FROM recipients r JOIN messages m ON m.id = r.message_id"
+            " WHERE r.state = ? AND m.state = ?",
+            (QUEUED, QUEUED),
+        ).fetchone()
+        return row[0] if row else None
+
+    def snapshot(self) -> QueueSnapshot:
+        """The queue gauges, read in one transaction so they agree with each other."""
+        now = self.clock()
+        by_state = dict(self.conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"))
+        by_domain: dict[str, int] = {}
+        oldest: dict[str, float] = {}
+        for domain, count, first in self.conn.execute(
+            "SELECT r.domain, COUNT(*), MIN(m.received_at) FROM recipients r"
+            " JOIN messages m ON m.id = r.message_id WHERE r.state = ? GROUP BY r.domain",
+            (QUEUED,),
+        ):
+            by_domain[domain] = count
+            oldest[domain] = max(0.0, now - first)
+        return QueueSnapshot(by_state, by_domain, oldest)
+
+    def data_version(self) -> int:
+        """Changes when another connection (the CLI) commits: the server's cue to look again."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- delivery results ---------------------------------------------------------------------
+
+    def record(self, message_id: str, outcomes: Sequence[Outcome]) -> bool:
+        """Stores one attempt's outcomes; deletes the message once no recipient is left queued.
+
+        Returns True when the message left the queue. Call inside a transaction. A message the
+        operator deleted meanwhile is simply gone: its outcomes are dropped.
+        """
+        now = self.clock()
+        for outcome in outcomes:
+            self.conn.execute(
+                "UPDATE recipients SET state = ?, attempts = attempts + 1, last_reply = ?,"
+                " next_attempt_at = ?, bounce_requested = 0"
+                " WHERE message_id = ? AND address = ? AND state = ?",
+                (
+                    outcome.state,
+                    outcome.reply,
+                    outcome.next_attempt_at,
+                    message_id,
+                    outcome.address,
+                    QUEUED,
+                ),
+            )
+            self.conn.execute(
+                "INSERT INTO attempts (message_id, address, at, host, reply) VALUES (?,?,?,?,?)",
+                (message_id, outcome.address, now, outcome.host, outcome.reply),
+            )
+        return self.remove_if_done(message_id)
+
+    def remove_if_done(self, message_id: str) -> bool:
+        left = self.conn.execute(
+            "SELECT COUNT(*) FROM recipients WHERE message_id = ? AND state = ?",
+            (message_id, QUEUED),
+        ).fetchone()[0]
+        if left:
+            return False
+        self._delete(message_id)
+        return True
+
+    def mark_warned(self, message_id: str) -> None:
+        self.conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (message_id,))
+
+    def reschedule(self, domain: str | None, when: float) -> int:
+        """Makes every queued recipient (of one domain, or all) due at `when`: recovery, ETRN."""
+        sql = "UPDATE recipients SET next_attempt_at = ? WHERE state = ? AND next_attempt_at > ?"
+        params: list[Any] = [when, QUEUED, when]
+        if domain is not None:
+            sql += " AND domain = ?"
+            params.append(domain.lower())
+        return self.conn.execute(sql, params).rowcount
+
+    def set_state(self, message_id: str, state: str) -> None:
+        self.conn.execute("UPDATE messages SET state = ? WHERE id = ?", (state, message_id))
+
+    # -- operator commands (each its own transaction; unknown ids fail the whole command) ---
+
+    def _require(self, ids: Sequence[str]) -> None:
+        missing = [
+            i
+            for i in ids
+            if not self.conn.execute("SELECT 1 FROM messages WHERE id = ?", (i,)).fetchone()
+        ]
+        if missing:
+            raise UnknownMessage(missing)
+
+    def _delete(self, message_id: str) -> None:
+        for table in ("attempts", "recipients", "bodies"):
+            column = "message_id"
+            self.conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (message_id,))
+        self.conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    def _operate(self, ids: Sequence[str], work: Callable[[str], None]) -> list[str]:
+        def run(store: Store) -> list[str]:
+            store._require(ids)
+            for message_id in ids:
+                work(message_id)
+            return list(ids)
+
+        return self.transaction(run)
+
+    def hold(self, ids: Sequence[str]) -> list[str]:
+        return self._operate(ids, lambda i: self.set_state(i, HELD))
+
+    def release(self, ids: Sequence[str]) -> list[str]:
+        """Back to the active queue, due now (like `postsuper -H`, which also requeues)."""
+
+        def release_one(message_id: str) -> None:
+            self.set_state(message_id, QUEUED)
+            self._make_due(message_id)
+
+        return self._operate(ids, release_one)
+
+    def delete(self, ids: Sequence[str]) -> list[str]:
+        return self._operate(ids, self._delete)
+
+    def _make_due(self, message_id: str) -> None:
+        self.conn.execute(
+            "UPDATE recipients SET next_attempt_at = ? WHERE message_id = ? AND state = ?",
+            (self.clock(), message_id, QUEUED),
+        )
+
+    def flush(self, ids: Sequence[str] = ()) -> list[str]:
+        """Makes queued (not held) mail due now, like `postqueue -f` / `postqueue -i ID`."""
+        if ids:
+            return self._operate(ids, self._make_due)
+
+        def flush_all(store: Store) -> list[str]:
+            now = store.clock()
+            store.conn.execute(
+                "UPDATE recipients SET next_attempt_at = ? WHERE state = ? AND message_id IN"
+                " (SELECT id FROM messages WHERE state = ?)",
+                (now, QUEUED, QUEUED),
+            )
+            return [row[0] for row in store.conn.execute("SELECT id FROM messages")]
+
+        return self.transaction(flush_all)
+
+    def request_bounce(self, ids: Sequence[str]) -> list[str]:
+        """Marks the remaining recipients to be failed (with a DSN) by the delivery engine."""
+
+        def mark(message_id: str) -> None:
+            self.conn.execute(
+                "UPDATE recipients SET bounce_requested = 1, next_attempt_at = ?"
+                " WHERE message_id = ? AND state = ?",
+                (self.clock(), message_id, QUEUED),
+            )
+            self.set_state(message_id, QUEUED)
+
+        return self._operate(ids, mark)
+
+    def free_space(self) -> int:
+        """Bytes free for unprivileged writers on the queue's filesystem."""
+        stats = os.statvfs(Path(self.path).resolve().parent)
+        return stats.f_bavail * stats.f_frsize
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class _Job:
+    work: Callable[[Store], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+class AsyncStore:
+    """The server's handle on the queue: one writer thread, group commit, asyncio futures.
+
+    SQLite allows one writer at a time and every commit costs an fsync, so concurrent SMTP
+    sessions hand their work to one thread that runs everything waiting in one transaction (each
+    job in its own savepoint, so one job's failure does not fail the others) and commits once.
+    A job's future resolves only after that commit returned: a client's 250 always follows its
+    own durable commit.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._jobs: stdlib_queue.SimpleQueue[_Job | None] = stdlib_queue.SimpleQueue()
+        self._ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, name="relay-store", daemon=True)
+        self._thread.start()
+        self._ready.result()  # re-raises StorageError from opening the queue
+
+    async def run(self, work: Callable[[Store], T]) -> T:
+        """Runs `work(store)` in the writer thread within a committed transaction."""
+        job = _Job(work)
+        self._jobs.put(job)
+        return await asyncio.wrap_future(job.future)
+
+    async def put(self, message: NewMessage) -> None:
+        await self.run(lambda store: store.insert(message))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            store = Store(self.path, self.clock)
+        except StorageError as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        try:
+            while (job := self._jobs.get()) is not None:
+                batch = [job]
+                while len(batch) < self.MAX_BATCH:
+                    try:
+                        more = self._jobs.get_nowait()
+                    except stdlib_queue.Empty:
+                        break
+                    if more is None:
+                        self._jobs.put(None)
+                        break
+                    batch.append(more)
+                self._commit(store, batch)
+        finally:
+            store.close()
+
+    @staticmethod
+    def _commit(store: Store, batch: list[_Job]) -> None:
+        results: list[tuple[_Job, bool, Any]] = []
+        conn = store.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    results.append((job, True, job.work(store)))
+                    conn.execute("RELEASE job")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if isinstance(exc, sqlite3.Error):
+                        exc = StorageError(str(exc))
+                    results.append((job, False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("queue commit failed: %s", exc)
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("rollback failed")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(StorageError(str(exc)))
+            return
+        for job, ok, value in results:
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
