@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -66,6 +66,10 @@ class Reply:
     BAD_PARAMETER_VALUE = "501 5.5.4 Bad value for parameter {name}"
     SMTPUTF8_NEEDED = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
     NO_AUTH = "502 5.5.1 AUTH not supported: this is a mail exchanger"
+    ETRN_SYNTAX = "501 5.5.4 Syntax: ETRN domain"
+    ETRN_STARTED = "250 2.0.0 Queuing for node {domain} started"
+    ETRN_DENIED = "459 4.7.1 <{domain}>: ETRN not allowed from [{client}]"
+    ETRN_UNKNOWN = "459 4.7.1 <{domain}>: not a domain we relay for"
 
 
 class RelaySession(Session):
@@ -177,6 +181,18 @@ class RelaySMTP(SMTP):
         for line in lines[:-1]:
             await self.push(f"250-{line}")
         await self.push(f"250 {lines[-1]}")
+
+    @syntax("ETRN domain")
+    async def smtp_ETRN(self, arg: str | None) -> None:
+        """RFC 1985: a trusted client asks us to flush a domain's queue now."""
+        if not self.relay_session.host_name:
+            await self.push(Reply.NEED_HELO)
+            return
+        domain = (arg or "").strip()
+        if not domain or domain[0] in "@#" or " " in domain:
+            await self.push(Reply.ETRN_SYNTAX)
+            return
+        await self.push(await self.relay_handler.etrn(self.relay_session, domain))
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         await self.push(Reply.NO_AUTH)
@@ -424,6 +440,7 @@ class IntakeHandler:
     store: AsyncStore
     clock: Callable[[], float] = time.time
     on_accepted: Callable[[NewMessage], None] | None = None
+    flush_domain: Callable[[str], Awaitable[int]] | None = None
     sessions: set[RelaySession] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -446,7 +463,19 @@ class IntakeHandler:
         log.info("disconnect from [%s]", session.client_ip)
 
     def extra_extensions(self, session: RelaySession) -> list[str]:
-        return []
+        return ["ETRN"] if self.config.smtp.etrn_clients else []
+
+    async def etrn(self, session: RelaySession, domain: str) -> str:
+        config = self.config
+        if not client_allowed(session.client_ip, config.smtp.etrn_clients):
+            log.info("reject ETRN %s from [%s]: client not allowed", domain, session.client_ip)
+            return Reply.ETRN_DENIED.format(domain=domain, client=session.client_ip)
+        settings = config.domain(domain)
+        if settings is None or self.flush_domain is None:
+            return Reply.ETRN_UNKNOWN.format(domain=domain)
+        count = await self.flush_domain(settings.name)
+        log.info("ETRN %s from [%s]: %d recipients due now", domain, session.client_ip, count)
+        return Reply.ETRN_STARTED.format(domain=domain)
 
     async def mail(self, session: RelaySession, envelope: RelayEnvelope, sender: str) -> str:
         return Reply.MAIL_OK
