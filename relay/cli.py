@@ -304,3 +304,51 @@ _operator_command(
     lambda s, ids: s.request_bounce(ids),
     "bounce requested",
 )
+
+
+def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]:
+    """Per configured domain, and any other with mail waiting (bounces): the operator's view."""
+    summary = store.domain_summary()
+    states = store.destinations()
+    names = [d.name for d in cfg.domains] + sorted(set(summary) - {d.name for d in cfg.domains})
+    report = []
+    for name in names:
+        messages, recipients, first = summary.get(name, (0, 0, now))
+        state = states.get(name)
+        up = None if state is None else state.up
+        report.append(
+            {
+                "domain": name,
+                "configured": cfg.domain(name) is not None,
+                "queued_messages": messages,
+                "queued_recipients": recipients,
+                "oldest_age_seconds": round(now - first, 1) if messages else 0,
+                "primary": "unknown" if up is None else ("up" if up else "down"),
+                "since": _rfc3339(state.since) if state else None,
+                "last_success": _rfc3339(state.last_success) if state else None,
+                "last_error": state.last_error if state and up is False else None,
+            }
+        )
+    return report
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(config_path: str | None, as_json: bool) -> None:
+    """Per domain: queued mail, oldest age, primary up or down since when, last error."""
+    cfg, _ = _load_config(config_path)
+    report = _with_store(config_path, lambda store: status_report(cfg, store, time.time()))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'DOMAIN':<28} {'MSGS':>6} {'RCPTS':>6} {'OLDEST':>7}  PRIMARY")
+    for row in report:
+        oldest = _age(row["oldest_age_seconds"]) if row["queued_messages"] else "-"
+        primary = row["primary"] + (f" since {row['since']}" if row["since"] else "")
+        click.echo(
+            f"{row['domain']:<28} {row['queued_messages']:>6} {row['queued_recipients']:>6}"
+            f" {oldest:>7}  {primary}"
+        )
+        if row["last_error"]:
+            click.echo(f"{'':<28} last error: {row['last_error']}")

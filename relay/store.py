@@ -160,6 +160,17 @@ class Outcome:
     next_attempt_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class DestinationState:
+    """Up or down since when, as the scheduler last saw a destination domain."""
+
+    domain: str
+    up: bool | None
+    since: float | None
+    last_error: str | None
+    last_success: float | None
+
+
 _MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
 
 
@@ -222,6 +233,22 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
         not_null={"message_id", "at"},
     )
     db.table("attempts").create_index(["message_id"], index_name="attempts_message")
+
+
+@_migration
+def _v2_destinations(db: sqlite_utils.Database) -> None:
+    """What the scheduler last knew of each destination, for `relay status` and restarts."""
+    db.table("destinations").create(
+        {
+            "domain": str,
+            "up": int,
+            "since": float,
+            "last_error": str,
+            "last_success": float,
+            "updated_at": float,
+        },
+        pk="domain",
+    )
 
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -451,6 +478,46 @@ class Store:
             by_domain[domain] = count
             oldest[domain] = max(0.0, now - first)
         return QueueSnapshot(by_state, by_domain, oldest)
+
+    def domain_summary(self) -> dict[str, tuple[int, int, float]]:
+        """Per recipient domain: (messages, recipients) still waiting, and the oldest arrival."""
+        return {
+            domain: (messages, recipients, first)
+            for domain, messages, recipients, first in self.conn.execute(
+                "SELECT r.domain, COUNT(DISTINCT r.message_id), COUNT(*), MIN(m.received_at)"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id"
+                " WHERE r.state = ? GROUP BY r.domain",
+                (QUEUED,),
+            )
+        }
+
+    def save_destination(self, state: DestinationState) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO destinations (domain, up, since, last_error, last_success,"
+            " updated_at) VALUES (?,?,?,?,?,?)",
+            (
+                state.domain,
+                None if state.up is None else int(state.up),
+                state.since,
+                state.last_error,
+                state.last_success,
+                self.clock(),
+            ),
+        )
+
+    def destinations(self) -> dict[str, DestinationState]:
+        return {
+            row[0]: DestinationState(
+                domain=row[0],
+                up=None if row[1] is None else bool(row[1]),
+                since=row[2],
+                last_error=row[3],
+                last_success=row[4],
+            )
+            for row in self.conn.execute(
+                "SELECT domain, up, since, last_error, last_success FROM destinations"
+            )
+        }
 
     def data_version(self) -> int:
         """Changes when another connection (the CLI) commits: the server's cue to look again."""
