@@ -120,12 +120,12 @@ class RelaySMTP(SMTP):
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
 
-    @property
+    # Methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self), which
+    # evaluates every property while session and envelope are still None.
     def relay_session(self) -> RelaySession:
         assert isinstance(self.session, RelaySession)
         return self.session
 
-    @property
     def relay_envelope(self) -> RelayEnvelope:
         assert isinstance(self.envelope, RelayEnvelope)
         return self.envelope
@@ -148,7 +148,7 @@ class RelaySMTP(SMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            self.relay_handler.connection_opened(self.relay_session)
+            self.relay_handler.connection_opened(self.relay_session())
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -163,8 +163,8 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self._reset_state()
-        self.relay_session.extended_smtp = True
-        self.relay_session.host_name = hostname
+        self.relay_session().extended_smtp = True
+        self.relay_session().host_name = hostname
         lines = [
             self.hostname,
             f"SIZE {self.data_size_limit}" if self.data_size_limit else "SIZE",
@@ -174,7 +174,7 @@ class RelaySMTP(SMTP):
             "ENHANCEDSTATUSCODES",
             "DSN",
         ]
-        lines += self.relay_handler.extra_extensions(self.relay_session)
+        lines += self.relay_handler.extra_extensions(self.relay_session())
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
         lines.append("HELP")
@@ -185,14 +185,14 @@ class RelaySMTP(SMTP):
     @syntax("ETRN domain")
     async def smtp_ETRN(self, arg: str | None) -> None:
         """RFC 1985: a trusted client asks us to flush a domain's queue now."""
-        if not self.relay_session.host_name:
+        if not self.relay_session().host_name:
             await self.push(Reply.NEED_HELO)
             return
         domain = (arg or "").strip()
         if not domain or domain[0] in "@#" or " " in domain:
             await self.push(Reply.ETRN_SYNTAX)
             return
-        await self.push(await self.relay_handler.etrn(self.relay_session, domain))
+        await self.push(await self.relay_handler.etrn(self.relay_session(), domain))
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         await self.push(Reply.NO_AUTH)
@@ -206,10 +206,10 @@ class RelaySMTP(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if not self.relay_session.host_name:
+        if not self.relay_session().host_name:
             await self.push(Reply.NEED_HELO)
             return
-        envelope = self.relay_envelope
+        envelope = self.relay_envelope()
         if envelope.mail_from is not None:
             await self.push(Reply.NESTED_MAIL)
             return
@@ -222,7 +222,7 @@ class RelaySMTP(SMTP):
             await self.push(Reply.BAD_ADDRESS)
             return
         params = _params(param_text or "")
-        if params is None or (params and not self.relay_session.extended_smtp):
+        if params is None or (params and not self.relay_session().extended_smtp):
             await self.push(Reply.MAIL_SYNTAX)
             return
         if (problem := self._take_mail_params(params, envelope)) is not None:
@@ -232,7 +232,7 @@ class RelaySMTP(SMTP):
         if not envelope.smtp_utf8 and not sender.isascii():
             await self.push(Reply.SMTPUTF8_NEEDED)
             return
-        reply = await self.relay_handler.mail(self.relay_session, envelope, sender)
+        reply = await self.relay_handler.mail(self.relay_session(), envelope, sender)
         if reply.startswith("2"):
             envelope.mail_from = sender
         await self.push(reply)
@@ -269,10 +269,10 @@ class RelaySMTP(SMTP):
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if not self.relay_session.host_name:
+        if not self.relay_session().host_name:
             await self.push(Reply.NEED_HELO)
             return
-        envelope = self.relay_envelope
+        envelope = self.relay_envelope()
         if envelope.mail_from is None:
             await self.push(Reply.NEED_MAIL)
             return
@@ -285,7 +285,7 @@ class RelaySMTP(SMTP):
             await self.push(Reply.BAD_ADDRESS)
             return
         params = _params(param_text or "")
-        if params is None or (params and not self.relay_session.extended_smtp):
+        if params is None or (params and not self.relay_session().extended_smtp):
             await self.push(Reply.RCPT_SYNTAX)
             return
         notify, orcpt = params.pop("NOTIFY", None), params.pop("ORCPT", None)
@@ -305,7 +305,7 @@ class RelaySMTP(SMTP):
             await self.push(Reply.SMTPUTF8_NEEDED)
             return
         recipient = NewRecipient(address, notify=notify, orcpt=orcpt)
-        reply = await self.relay_handler.rcpt(self.relay_session, envelope, recipient)
+        reply = await self.relay_handler.rcpt(self.relay_session(), envelope, recipient)
         duplicate = any(r.address.lower() == address.lower() for r in envelope.recipients)
         if reply.startswith("2") and not duplicate:  # a repeated RCPT is delivered once
             envelope.recipients.append(recipient)
@@ -316,13 +316,13 @@ class RelaySMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
-        if not self.relay_session.host_name:
+        if not self.relay_session().host_name:
             await self.push(Reply.NEED_HELO)
             return
-        if self.relay_envelope.mail_from is None:
+        if self.relay_envelope().mail_from is None:
             await self.push(Reply.NEED_MAIL)
             return
-        if not self.relay_envelope.rcpt_tos:
+        if not self.relay_envelope().rcpt_tos:
             await self.push(Reply.NEED_RCPT)
             return
         if arg:
@@ -330,13 +330,13 @@ class RelaySMTP(SMTP):
             return
         await self.push(Reply.DATA_GO)
         content = await self._read_data()
-        envelope = self.relay_envelope
+        envelope = self.relay_envelope()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         if content is None:
             metrics.messages_rejected.labels("too_big").inc()
             await self.push(Reply.TOO_BIG)
             return
-        await self.push(await self.relay_handler.data(self.relay_session, envelope, content))
+        await self.push(await self.relay_handler.data(self.relay_session(), envelope, content))
 
     async def _read_data(self) -> bytes | None:
         """Reads up to the lone dot; None when the message exceeded the size limit.
