@@ -444,6 +444,12 @@ class IntakeHandler:
     sessions: set[RelaySession] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def __post_init__(self) -> None:
+        # No session yet is idle: shutdown waits on this, and must not sit out its whole grace
+        # period on a relay that never had a client.
+        if not self.sessions:
+            self.idle.set()
+
     @property
     def config(self) -> Config:
         return self.get_config()
