@@ -30,5 +30,11 @@ format: $(STAMP)
 
 check: lint test
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+deploy-check: $(STAMP)
+	bash deploy/check.sh
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache
