@@ -414,13 +414,22 @@ def _table(value: Any, source: str, key: str, problems: list[str]) -> Mapping[st
 
 def _check_queue_dir(source: str, path: str, problems: list[str]) -> None:
     """The queue directory must be writable or creatable: fail at start, not at the first 250."""
-    directory = Path(path).expanduser().resolve().parent
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        problems.append(f"{source}: queue.path: {target} is a directory, not a database file")
+        return
+    directory = target.parent
     probe = directory
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        what = "not writable" if probe == directory else f"cannot be created under {probe}"
-        problems.append(f"{source}: queue.path: directory {directory} is {what}")
+    if not probe.is_dir():
+        problems.append(
+            f"{source}: queue.path: directory {directory} cannot be created:"
+            f" {probe} is not a directory"
+        )
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == directory else f"cannot be created under {probe}"
+        problems.append(f"{source}: queue.path: directory {directory} {what}")
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
