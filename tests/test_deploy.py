@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import fields, is_dataclass, replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,21 @@ def flat_keys(data: dict[str, Any]) -> set[str]:
 def test_production_config_sets_every_documented_key_and_no_other() -> None:
     data = tomllib.loads((DEPLOY / "relay.toml").read_text())
     assert flat_keys(data) == DOCUMENTED_KEYS
+
+
+def loader_keys() -> set[str]:
+    """Every key relay/config.py reads, from its dataclasses (field names are the TOML keys)."""
+    keys = {"hostname"}
+    for section in fields(config.Config):
+        if is_dataclass(factory := section.default_factory):
+            keys |= {f"{section.name}.{f.name}" for f in fields(factory)}
+    keys |= {f"domain.{f.name}" for f in fields(config.DomainConfig)}
+    return keys
+
+
+def test_documented_keys_are_exactly_the_keys_the_loader_reads() -> None:
+    # A key added to relay/config.py must be documented in deploy/relay.toml, and vice versa.
+    assert loader_keys() == DOCUMENTED_KEYS
 
 
 def key_comments(text: str) -> Iterator[tuple[str, str, str]]:
