@@ -11,6 +11,7 @@ Received trace header, and the rule that 250 follows only the durable commit of 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import re
@@ -113,9 +114,18 @@ class RelaySMTP(SMTP):
     """The SMTP protocol as a backup MX speaks it. Parsing only; decisions go to the handler."""
 
     def __init__(self, handler: IntakeHandler, **kwargs: Any) -> None:
+        limit = handler.config.smtp.max_line_length
+        # aiosmtpd sizes its line reader from line_length_limit (read in its __init__) and checks
+        # each ESMTP command against command_size_limits, a class-level dict defaulting to 512
+        # octets: both must be ours, per instance, or a DSN RCPT with a long ORCPT (RFC 3461
+        # allows 500 more octets) gets "500 Command line too long" whatever the config says.
+        self.line_length_limit = limit
         super().__init__(handler, **kwargs)
         self.relay_handler = handler
-        self.command_size_limit = handler.config.smtp.max_line_length
+        self.command_size_limit = limit
+        self.command_size_limits: collections.defaultdict[str, int] = collections.defaultdict(
+            lambda: limit
+        )
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
