@@ -43,7 +43,7 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     echo "promtool or prometheus missing: installing Debian's prometheus package"
     apt_install prometheus
 fi
-promtool --version 2>&1 | head -n 1
+promtool --version 2>&1 | sed -n 1p  # sed reads it all: no SIGPIPE under pipefail
 if ! command -v systemd-analyze >/dev/null; then
     echo "systemd-analyze missing: installing Debian's systemd package"
     apt_install systemd || true
@@ -106,7 +106,7 @@ else
     echo "verify: ok"
     # Exposure is 0 (locked down) to 10 (unprotected); the unit scores about 1.4. Fail above 2.0 so
     # a hardening line removed by accident shows here. --offline needs systemd 250 or later.
-    if systemd-analyze security --help 2>&1 | grep -q -- --offline; then
+    if [[ "$(systemd-analyze security --help 2>&1)" == *--offline* ]]; then
         systemd-analyze security --offline=yes --threshold=20 "$work/relay.service" | tail -n 1
     else
         skipped "systemd-analyze security --offline needs systemd 250 or later"
