@@ -374,7 +374,10 @@ class RelaySMTP(SMTP):
                 del buffer[end + 2 :]
                 break
             searched_to = max(0, len(buffer) - len(_TERMINATOR) + 1)
-            if limit and received > limit:
+            # Up to two octets of the final ".\r\n" may already be here, so the message is
+            # over the limit for sure only past limit + 3; trimming any earlier would throw
+            # away a message that fits and store its tail.
+            if limit and received > limit + 3:
                 # Keep reading to the terminator so the reply lands after DATA (RFC 5321
                 # 4.2.5), but keep only a tail long enough to spot it.
                 cut = max(0, len(buffer) - len(_TERMINATOR))
@@ -382,7 +385,7 @@ class RelaySMTP(SMTP):
                 discarded += cut
                 searched_to = 0
         self._reset_timeout()
-        if limit and discarded + end > limit:
+        if limit and (discarded or end > limit):
             return None
         return bytes(buffer).replace(b"\r\n.", b"\r\n")[2:]
 
