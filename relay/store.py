@@ -636,7 +636,10 @@ class Store:
                 " (SELECT id FROM messages WHERE state = ?)",
                 (now, QUEUED, QUEUED),
             )
-            return [row[0] for row in store.conn.execute("SELECT id FROM messages")]
+            return [
+                row[0]
+                for row in store.conn.execute("SELECT id FROM messages WHERE state = ?", (QUEUED,))
+            ]
 
         return self.transaction(flush_all)
 
