@@ -15,6 +15,7 @@ contains its own work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue as stdlib_queue
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
 
@@ -34,6 +35,7 @@ from relay.metrics import QueueSnapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Message states (the operator's view) and recipient states (the delivery engine's view).
 QUEUED, HELD = "queued", "held"
@@ -289,6 +291,19 @@ def _migrate(db: sqlite_utils.Database) -> None:
             raise
 
 
+def _translated(method: Callable[P, T]) -> Callable[P, T]:
+    """Reads outside `transaction` get the same boundary: no sqlite3 error leaves this module."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from exc
+
+    return wrapper
+
+
 class Store:
     """Synchronous access to the queue over one connection. Not shared between threads."""
 
@@ -297,12 +312,19 @@ class Store:
         self.clock = clock
         try:
             self.conn = _connect(path)
-            self.db = sqlite_utils.Database(self.conn)
-            _migrate(self.db)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open queue {path}: {exc}") from exc
         except OSError as exc:
             raise StorageError(f"cannot open queue {path}: {exc.strerror or exc}") from exc
+        try:
+            self.db = sqlite_utils.Database(self.conn)
+            _migrate(self.db)
+        except sqlite3.Error as exc:
+            self.conn.close()
+            raise StorageError(f"cannot open queue {path}: {exc}") from exc
+        except BaseException:
+            self.conn.close()  # a queue too new for us: do not leak the connection
+            raise
 
     def close(self) -> None:
         self.conn.close()
@@ -423,19 +445,23 @@ class Store:
             for row in rows
         ]
 
+    @_translated
     def list_messages(self) -> list[MessageRow]:
         return self._messages("", (), attempts=False)
 
+    @_translated
     def get(self, message_id: str, *, attempts: bool = True) -> MessageRow | None:
         found = self._messages("WHERE id = ?", (message_id,), attempts=attempts)
         return found[0] if found else None
 
+    @_translated
     def body(self, message_id: str) -> bytes | None:
         row = self.conn.execute(
             "SELECT data FROM bodies WHERE message_id = ?", (message_id,)
         ).fetchone()
         return bytes(row[0]) if row else None
 
+    @_translated
     def due(self, now: float, limit: int = 500, exclude: Iterable[str] = ()) -> list[MessageRow]:
         """Messages with at least one recipient due now, oldest first; held messages never."""
         skip = set(exclude)
@@ -456,6 +482,7 @@ class Store:
             found += self._messages(f"WHERE id IN ({marks})", chunk, attempts=False)
         return found
 
+    @_translated
     def next_due_at(self) -> float | None:
         row = self.conn.execute(
             "SELECT MIN(r.next_attempt_at) FROM recipients r JOIN messages m ON m.id = r.message_id"
@@ -464,6 +491,7 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
+    @_translated
     def snapshot(self) -> QueueSnapshot:
         """The queue gauges, read in one transaction so they agree with each other."""
         now = self.clock()
@@ -479,6 +507,7 @@ class Store:
             oldest[domain] = max(0.0, now - first)
         return QueueSnapshot(by_state, by_domain, oldest)
 
+    @_translated
     def domain_summary(self) -> dict[str, tuple[int, int, float]]:
         """Per recipient domain: (messages, recipients) still waiting, and the oldest arrival."""
         return {
@@ -505,6 +534,7 @@ class Store:
             ),
         )
 
+    @_translated
     def destinations(self) -> dict[str, DestinationState]:
         return {
             row[0]: DestinationState(
@@ -519,6 +549,7 @@ class Store:
             )
         }
 
+    @_translated
     def data_version(self) -> int:
         """Changes when another connection (the CLI) commits: the server's cue to look again."""
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
