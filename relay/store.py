@@ -495,16 +495,24 @@ class Store:
     def snapshot(self) -> QueueSnapshot:
         """The queue gauges, read in one transaction so they agree with each other."""
         now = self.clock()
-        by_state = dict(self.conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"))
         by_domain: dict[str, int] = {}
         oldest: dict[str, float] = {}
-        for domain, count, first in self.conn.execute(
-            "SELECT r.domain, COUNT(*), MIN(m.received_at) FROM recipients r"
-            " JOIN messages m ON m.id = r.message_id WHERE r.state = ? GROUP BY r.domain",
-            (QUEUED,),
-        ):
-            by_domain[domain] = count
-            oldest[domain] = max(0.0, now - first)
+        # A savepoint is a read transaction outside one and a no-op nesting inside one, so the
+        # two queries see the same commit either way.
+        self.conn.execute("SAVEPOINT snapshot")
+        try:
+            by_state = dict(
+                self.conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")
+            )
+            for domain, count, first in self.conn.execute(
+                "SELECT r.domain, COUNT(*), MIN(m.received_at) FROM recipients r"
+                " JOIN messages m ON m.id = r.message_id WHERE r.state = ? GROUP BY r.domain",
+                (QUEUED,),
+            ):
+                by_domain[domain] = count
+                oldest[domain] = max(0.0, now - first)
+        finally:
+            self.conn.execute("RELEASE snapshot")
         return QueueSnapshot(by_state, by_domain, oldest)
 
     @_translated
