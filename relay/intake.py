@@ -239,6 +239,9 @@ class RelaySMTP(SMTP):
             await self.push(problem)
             return
         sender = "" if address == "<>" else address
+        if not _valid_utf8(sender):
+            await self.push(Reply.BAD_ADDRESS)
+            return
         if not envelope.smtp_utf8 and not sender.isascii():
             await self.push(Reply.SMTPUTF8_NEEDED)
             return
@@ -291,7 +294,7 @@ class RelaySMTP(SMTP):
             await self.push(Reply.RCPT_SYNTAX)
             return
         address, param_text = self._getaddr(rest)
-        if not address or address == "<>":
+        if not address or address == "<>" or not _valid_utf8(address):
             await self.push(Reply.BAD_ADDRESS)
             return
         params = _params(param_text or "")
@@ -423,6 +426,20 @@ def received_header(
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
+def _valid_utf8(text: str) -> bool:
+    """aiosmtpd decodes arguments with surrogateescape: invalid UTF-8 survives as surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable(text: str) -> str:
+    """Client text kept for the operator: invalid UTF-8 as backslash escapes, never an error."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _clean(text: str) -> str:
     """A HELO argument is client-controlled: keep it printable and bounded in our header."""
     cleaned = "".join(c if c.isascii() and c.isprintable() and c not in "()" else "?" for c in text)
@@ -546,7 +563,7 @@ class IntakeHandler:
             body=header + content,
             received_at=now,
             client_ip=session.client_ip,
-            helo=session.host_name or "",
+            helo=_storable(session.host_name or ""),
             smtputf8=bool(envelope.smtp_utf8),
             eightbit=envelope.eightbit,
             envid=envelope.envid,
