@@ -219,10 +219,13 @@ class RelaySMTP(SMTP):
         if not self.relay_session().host_name:
             await self.push(Reply.NEED_HELO)
             return
-        envelope = self.relay_envelope()
-        if envelope.mail_from is not None:
+        if self.relay_envelope().mail_from is not None:
             await self.push(Reply.NESTED_MAIL)
             return
+        # A fresh envelope: parameters of an earlier MAIL that was refused (SMTPUTF8, RET,
+        # ENVID, BODY) must not carry over into this transaction.
+        self._reset_state()
+        envelope = self.relay_envelope()
         rest = self._strip_command_keyword("FROM:", arg or "")
         if not rest:
             await self.push(Reply.MAIL_SYNTAX)
