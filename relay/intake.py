@@ -55,6 +55,7 @@ class Reply:
     TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
     TOO_MANY_HOPS = "554 5.4.6 Too many hops: mail forwarding loop"
     STORAGE_ERROR = "451 4.3.0 Error: queue file write error"
+    INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
     NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
     NEED_MAIL = "503 5.5.1 Error: need MAIL command"
     NEED_RCPT = "503 5.5.1 Error: need RCPT command"
@@ -500,6 +501,11 @@ class IntakeHandler:
             self.idle.set()
         metrics.smtp_connections.dec()
         log.info("disconnect from [%s]", session.client_ip)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an error of ours: a 4xx so the client retries (a 500 bounces)."""
+        log.error("internal error in an SMTP session: %r", error, exc_info=error)
+        return Reply.INTERNAL_ERROR
 
     def extra_extensions(self, session: RelaySession) -> list[str]:
         return ["ETRN"] if self.config.smtp.etrn_clients else []
