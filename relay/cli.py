@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,6 +87,10 @@ def check_config(config_path: str | None) -> None:
 
 def _open_store(config_path: str | None) -> Store:
     cfg, _ = _load_config(config_path)
+    if not os.path.exists(cfg.queue.path):
+        # Not there yet means empty. Creating it here would leave a queue owned by whoever ran
+        # the command (root, typically), which the server's own user then cannot open.
+        return Store(":memory:")
     try:
         return Store(cfg.queue.path)
     except StorageError as exc:
