@@ -128,7 +128,11 @@ def _age(seconds: float) -> str:
 
 
 def message_json(row: MessageRow) -> dict[str, Any]:
-    """The `relay queue --json` object (a contract: keep the field names)."""
+    """The `relay queue --json` object (a contract: keep the field names).
+
+    A held message has no next attempt: it waits for `relay queue release`, not for a time.
+    """
+    waiting = row.state != HELD
     return {
         "id": row.id,
         "sender": row.sender,
@@ -138,7 +142,9 @@ def message_json(row: MessageRow) -> dict[str, Any]:
                 "state": r.state,
                 "attempts": r.attempts,
                 "last_reply": r.last_reply,
-                "next_attempt_at": _rfc3339(r.next_attempt_at) if r.state == "queued" else None,
+                "next_attempt_at": (
+                    _rfc3339(r.next_attempt_at) if r.state == "queued" and waiting else None
+                ),
                 "notify": r.notify,
                 "orcpt": r.orcpt,
             }
@@ -148,7 +154,7 @@ def message_json(row: MessageRow) -> dict[str, Any]:
         "received_at": _rfc3339(row.received_at),
         "state": row.state,
         "attempts": row.attempt_count,
-        "next_attempt_at": _rfc3339(row.next_attempt_at),
+        "next_attempt_at": _rfc3339(row.next_attempt_at) if waiting else None,
         "last_error": row.last_error,
     }
 
