@@ -1,0 +1,659 @@
+"""The delivery scheduler: due mail → routes → outbound sessions → outcomes in the store.
+
+It owns the decisions the courier must not make: which recipients are due, backoff after a
+deferral, when a recipient has failed for good (5xx, lifetime, operator), who gets a DSN, and
+whether a destination is up. Two rules shape it:
+
+* A backup MX prefers retrying to bouncing: anything not clearly permanent is deferred.
+* Recovery is detected by probing, not by backoff timers. While a destination is down, due mail
+  is deferred without connecting; a probe every `delivery.probe_interval` notices the primary's
+  return and makes *all* its mail due at once, then sessions ramp up gradually so the recovering
+  primary is not knocked over again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from relay import dsn, metrics
+from relay.config import Config
+from relay.courier import Outgoing, OutgoingRecipient, Reply, Session, SessionError, probe
+from relay.mx import Hop, RouteError, Router
+from relay.store import (
+    DELIVERED,
+    FAILED,
+    HELD,
+    QUEUED,
+    AsyncStore,
+    DestinationState,
+    MessageRow,
+    NewMessage,
+    NewRecipient,
+    Outcome,
+    RecipientRow,
+    Store,
+    new_queue_id,
+)
+
+log = logging.getLogger("relay.delivery")
+
+OPERATOR_BOUNCE = "550 5.0.0 Message bounced by the postmaster"
+ROUTE_CACHE_SECONDS = 30.0
+RAMP_START = 2  # sessions to a destination that just came back
+RAMP_STEP = 10  # 2xx replies in a row that earn one more session
+DOWN_AFTER_4XX = 5  # consecutive 4xx replies that mean "down again"
+
+
+def backoff(attempts: int, minimum: float, maximum: float, rng: random.Random) -> float:
+    """Seconds until the next try after `attempts` failed tries: exponential, jittered, capped.
+
+    The delay doubles from `minimum` with each attempt (computed in floats, then capped, so it
+    never silently stops growing) and is jittered by up to -20 % so that mail deferred together
+    does not come back together.
+    """
+    exponent = min(max(attempts - 1, 0), 60)
+    delay = min(maximum, minimum * (2.0**exponent))
+    return max(minimum, delay * rng.uniform(0.8, 1.0))
+
+
+class Connector(Protocol):
+    def __call__(
+        self, hop: Hop, *, helo: str, tls: str, cafile: str | None, timeout: float
+    ) -> Awaitable[Session]: ...
+
+
+class Prober(Protocol):
+    def __call__(self, hop: Hop, *, helo: str, timeout: float) -> Awaitable[Reply]: ...
+
+
+@dataclass
+class Destination:
+    """What the scheduler knows about one destination domain's next hops."""
+
+    name: str
+    up: bool | None = None  # None: not tried since start
+    down_since: float | None = None
+    since: float | None = None
+    last_error: str | None = None
+    last_success: float | None = None
+    limit: int = 1
+    sessions: int = 0
+    streak_2xx: int = 0
+    streak_4xx: int = 0
+    queue: asyncio.Queue[tuple[MessageRow, tuple[RecipientRow, ...]]] = field(
+        default_factory=asyncio.Queue
+    )
+    recovered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Scheduler:
+    store: AsyncStore
+    get_config: Callable[[], Config]
+    router: Router
+    clock: Callable[[], float] = time.time
+    rng: random.Random = field(default_factory=random.Random)
+    connect: Connector = Session.open
+    prober: Prober = probe
+    batch: int = 1000
+    poll_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.destinations: dict[str, Destination] = {}
+        self.inflight: dict[str, int] = defaultdict(int)
+        self.wake = asyncio.Event()
+        self._routes: dict[str, tuple[float, list[Hop]]] = {}
+        self._sessions = asyncio.Semaphore(self.config.delivery.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._writes: set[asyncio.Task[None]] = set()
+
+    @property
+    def config(self) -> Config:
+        return self.get_config()
+
+    # -- the main loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Polls the queue (CLI changes show within a second) and whenever woken."""
+        while not self._stopping:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("delivery loop error; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.poll_interval)
+            self.wake.clear()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.wake.set()
+        tasks = [*self._tasks, *self._probes.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def settle(self) -> None:
+        """Waits until no session is running and nothing is in flight (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    def destination(self, name: str) -> Destination:
+        if name not in self.destinations:
+            self.destinations[name] = Destination(
+                name, limit=self.config.delivery.per_host_concurrency
+            )
+        return self.destinations[name]
+
+    async def tick(self) -> None:
+        now = self.clock()
+        due = await self.store.run(lambda s: s.due(now, self.batch, exclude=self.inflight))
+        work: dict[str, list[tuple[MessageRow, tuple[RecipientRow, ...]]]] = defaultdict(list)
+        for message in due:
+            if await self._settle_without_delivery(message, now):
+                continue
+            by_domain: dict[str, list[RecipientRow]] = defaultdict(list)
+            for recipient in message.pending:
+                if recipient.next_attempt_at <= now:
+                    by_domain[recipient.domain].append(recipient)
+            for domain, recipients in by_domain.items():
+                work[domain].append((message, tuple(recipients)))
+        for domain, items in work.items():
+            await self._dispatch(domain, items, now)
+
+    async def _settle_without_delivery(self, message: MessageRow, now: float) -> bool:
+        """Operator bounces and lifetime expiry: decided here, without a connection."""
+        bounced = [r for r in message.pending if r.bounce_requested]
+        if bounced:
+            outcomes = [Outcome(r.address, FAILED, OPERATOR_BOUNCE) for r in bounced]
+            await self._finish(message, outcomes, now)
+            return len(bounced) == len(message.pending)
+        if now - message.received_at < self.config.queue.lifetime:
+            return False
+        if self.config.queue.on_expiry == "hold":
+            log.warning("%s: lifetime exceeded, held for the operator", message.id)
+            await self.store.run(lambda s: s.set_state(message.id, HELD))
+            return True
+        outcomes = [
+            Outcome(r.address, FAILED, _expiry_reply(r.last_reply)) for r in message.pending
+        ]
+        log.info("%s: lifetime exceeded, bouncing", message.id)
+        await self._finish(message, outcomes, now)
+        return True
+
+    async def _dispatch(
+        self, domain: str, items: list[tuple[MessageRow, tuple[RecipientRow, ...]]], now: float
+    ) -> None:
+        dest = self.destination(domain)
+        if dest.up is False:
+            # Suspended: the probe owns recovery. Push the due mail on by its backoff.
+            reply = dest.last_error or "421 4.4.1 destination down"
+            for message, recipients in items:
+                await self._defer(message, recipients, reply, now, host="")
+            self._ensure_probe(domain)
+            return
+        for message, recipients in items:
+            self.inflight[message.id] += 1
+            dest.queue.put_nowait((message, recipients))
+        while dest.sessions < min(dest.limit, dest.queue.qsize()):
+            dest.sessions += 1
+            task = asyncio.create_task(self._session_worker(dest))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- routing --------------------------------------------------------------------------
+
+    async def _route(self, domain: str) -> list[Hop]:
+        cached = self._routes.get(domain)
+        now = self.clock()
+        if cached and now - cached[0] < ROUTE_CACHE_SECONDS:
+            return cached[1]
+        settings = self.config.domain(domain)
+        hops = await self.router.hops(domain, settings.primary if settings else ())
+        self._routes[domain] = (now, hops)
+        return hops
+
+    def _tls_mode(self, domain: str) -> str:
+        settings = self.config.domain(domain)
+        return settings.tls if settings else "opportunistic"
+
+    async def _open(self, domain: str, hops: Sequence[Hop]) -> tuple[Session, Hop]:
+        """Tries every hop in order; raises the last SessionError when none takes us."""
+        cfg = self.config
+        error: SessionError | None = None
+        for hop in hops:
+            try:
+                session = await self.connect(
+                    hop,
+                    helo=cfg.hostname,
+                    tls=self._tls_mode(domain),
+                    cafile=cfg.delivery.cafile or None,
+                    timeout=cfg.delivery.timeout,
+                )
+                return session, hop
+            except SessionError as exc:
+                log.info("%s: %s [%s]:%d: %s", domain, hop.host, hop.address, hop.port, exc.reply)
+                error = exc
+        assert error is not None
+        raise error
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def _session_worker(self, dest: Destination) -> None:
+        try:
+            async with self._sessions:
+                await self._drain(dest)
+        finally:
+            dest.sessions -= 1
+
+    async def _drain(self, dest: Destination) -> None:
+        session: Session | None = None
+        hop: Hop | None = None
+        try:
+            while not dest.queue.empty() and dest.up is not False:
+                message, recipients = dest.queue.get_nowait()
+                try:
+                    if session is None:
+                        session, hop = await self._connect_for(dest)
+                    await self._deliver(dest, session, hop, message, recipients)
+                except _RouteFailed as failed:
+                    await self._fail_route(dest, message, recipients, failed)
+                    session = None
+                except SessionError as exc:
+                    await self._session_broke(dest, message, recipients, exc, hop)
+                    with contextlib.suppress(Exception):
+                        if session is not None:
+                            await session.close()
+                    session = None
+                finally:
+                    self._release(message.id)
+        finally:
+            if session is not None:
+                await session.close()
+            if dest.up is False:
+                await self._defer_queued(dest)
+
+    async def _connect_for(self, dest: Destination) -> tuple[Session, Hop]:
+        try:
+            hops = await self._route(dest.name)
+        except RouteError as exc:
+            raise _RouteFailed(exc) from exc
+        try:
+            return await self._open(dest.name, hops)
+        except SessionError as exc:
+            raise _RouteFailed(exc) from exc
+
+    async def _deliver(
+        self,
+        dest: Destination,
+        session: Session,
+        hop: Hop | None,
+        message: MessageRow,
+        recipients: tuple[RecipientRow, ...],
+    ) -> None:
+        body = await self.store.run(lambda s: s.body(message.id))
+        if body is None:  # deleted by the operator meanwhile
+            return
+        outgoing = Outgoing(
+            id=message.id,
+            sender=message.sender,
+            recipients=tuple(OutgoingRecipient(r.address, r.notify, r.orcpt) for r in recipients),
+            body=body,
+            smtputf8=message.smtputf8,
+            eightbit=message.eightbit,
+            envid=message.envid,
+            ret=message.ret,
+        )
+        started = time.monotonic()
+        replies = await session.send(outgoing)
+        metrics.delivery_duration.observe(time.monotonic() - started)
+        now = self.clock()
+        host = hop.host if hop else ""
+        outcomes = [self._outcome(r, replies[r.address], now, host) for r in recipients]
+        self._observe(dest, [replies[r.address] for r in recipients], now)
+        await self._finish(message, outcomes, now, body=body)
+
+    def _outcome(self, recipient: RecipientRow, reply: Reply, now: float, host: str) -> Outcome:
+        text = str(reply)
+        if 200 <= reply.code < 300:
+            return Outcome(recipient.address, DELIVERED, text, host)
+        if reply.permanent:
+            return Outcome(recipient.address, FAILED, text, host)
+        retry = self.config.retry
+        delay = backoff(recipient.attempts + 1, retry.min, retry.max, self.rng)
+        return Outcome(recipient.address, QUEUED, text, host, now + delay)
+
+    def _observe(self, dest: Destination, replies: Sequence[Reply], now: float) -> None:
+        """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
+        for reply in replies:
+            if 200 <= reply.code < 300:
+                dest.streak_4xx = 0
+                dest.streak_2xx += 1
+                self._mark_up(dest, now)
+                if dest.streak_2xx >= RAMP_STEP:
+                    dest.streak_2xx = 0
+                    dest.limit = min(dest.limit + 1, self.config.delivery.per_host_concurrency)
+            elif not reply.permanent:
+                dest.streak_2xx = 0
+                dest.streak_4xx += 1
+                if reply.code == 421 or dest.streak_4xx >= DOWN_AFTER_4XX:
+                    self._mark_down(dest, str(reply), now)
+
+    async def _session_broke(
+        self,
+        dest: Destination,
+        message: MessageRow,
+        recipients: tuple[RecipientRow, ...],
+        exc: SessionError,
+        hop: Hop | None,
+    ) -> None:
+        log.info("%s: session to %s broke: %s", message.id, hop.host if hop else "?", exc.reply)
+        now = self.clock()
+        await self._defer(message, recipients, str(exc.reply), now, host=hop.host if hop else "")
+        dest.streak_4xx += 1
+        if exc.reply.code == 421 or dest.streak_4xx >= DOWN_AFTER_4XX:
+            self._mark_down(dest, str(exc.reply), now)
+
+    async def _fail_route(
+        self,
+        dest: Destination,
+        message: MessageRow,
+        recipients: tuple[RecipientRow, ...],
+        failed: _RouteFailed,
+    ) -> None:
+        now = self.clock()
+        reason = failed.reason
+        if isinstance(reason, RouteError):
+            metrics.routing_failures.labels(dest.name, reason.kind).inc()
+            text = f"{'550 5.1.2' if reason.permanent else '451 4.4.3'} {reason}"
+            if reason.permanent:
+                outcomes = [Outcome(r.address, FAILED, text) for r in recipients]
+                await self._finish(message, outcomes, now)
+                return
+        else:
+            text = str(reason.reply)
+        self._mark_down(dest, text, now)
+        await self._defer(message, recipients, text, now, host="")
+
+    async def _defer_queued(self, dest: Destination) -> None:
+        """The destination went down: everything still waiting for it is deferred now."""
+        reply = dest.last_error or "421 4.4.1 destination down"
+        now = self.clock()
+        while not dest.queue.empty():
+            message, recipients = dest.queue.get_nowait()
+            try:
+                await self._defer(message, recipients, reply, now, host="")
+            finally:
+                self._release(message.id)
+
+    def _release(self, message_id: str) -> None:
+        self.inflight[message_id] -= 1
+        if self.inflight[message_id] <= 0:
+            del self.inflight[message_id]
+
+    # -- up and down ------------------------------------------------------------------------
+
+    def _mark_up(self, dest: Destination, now: float) -> None:
+        dest.last_success = now
+        if self.config.domain(dest.name) is not None:
+            metrics.primary_up.labels(dest.name).set(1)
+            metrics.primary_last_success.labels(dest.name).set(now)
+        if dest.up is not True:
+            if dest.up is False:
+                log.info("%s: destination is up again", dest.name)
+            dest.up = True
+            dest.down_since = None
+            dest.recovered.set()
+            dest.since = now
+            self._persist(dest)
+
+    def _mark_down(self, dest: Destination, error: str, now: float) -> None:
+        dest.last_error = error
+        if self.config.domain(dest.name) is not None:
+            metrics.primary_up.labels(dest.name).set(0)
+        if dest.up is not False:
+            log.warning("%s: destination down: %s", dest.name, error)
+            dest.up = False
+            dest.down_since = now
+            dest.since = now
+            dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
+            dest.recovered.clear()
+            self._persist(dest)
+        self._ensure_probe(dest.name)
+
+    def _persist(self, dest: Destination) -> None:
+        """Saves the up/down change for `relay status`; never blocks a delivery on it."""
+        state = DestinationState(dest.name, dest.up, dest.since, dest.last_error, dest.last_success)
+        task = asyncio.create_task(self.store.run(lambda s: s.save_destination(state)))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    def _ensure_probe(self, domain: str) -> None:
+        task = self._probes.get(domain)
+        if task is None or task.done():
+            self._probes[domain] = asyncio.create_task(self._probe_loop(domain))
+
+    async def _probe_loop(self, domain: str) -> None:
+        """Every probe_interval: banner, EHLO, QUIT. The first success releases all the mail."""
+        dest = self.destination(domain)
+        while dest.up is False and not self._stopping:
+            await asyncio.sleep(self.config.delivery.probe_interval)
+            try:
+                self._routes.pop(domain, None)  # DNS may have changed during the outage
+                hops = await self._route(domain)
+                await self._probe_hops(hops)
+            except (RouteError, SessionError) as exc:
+                dest.last_error = str(exc.reply) if isinstance(exc, SessionError) else str(exc)
+                continue
+            now = self.clock()
+            self._mark_up(dest, now)
+            count = await self.store.run(
+                functools.partial(Store.reschedule, domain=domain, when=now)
+            )
+            log.info("%s: primary answers again; %d recipients due now", domain, count)
+            self.wake.set()
+
+    async def _probe_hops(self, hops: Sequence[Hop]) -> Reply:
+        error: SessionError | None = None
+        for hop in hops:
+            try:
+                return await self.prober(hop, helo=self.config.hostname, timeout=10.0)
+            except SessionError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def flush_domain(self, domain: str) -> int:
+        """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
+        now = self.clock()
+        count = await self.store.run(lambda s: s.reschedule(domain, now))
+        dest = self.destinations.get(domain)
+        if dest is not None and dest.up is False:
+            dest.up = None  # try for real on the next tick rather than waiting for the probe
+        self.wake.set()
+        return int(count)
+
+    # -- recording ------------------------------------------------------------------------
+
+    async def _defer(
+        self,
+        message: MessageRow,
+        recipients: Sequence[RecipientRow],
+        reply: str,
+        now: float,
+        host: str,
+    ) -> None:
+        retry = self.config.retry
+        outcomes = [
+            Outcome(
+                r.address,
+                QUEUED,
+                reply,
+                host,
+                now + backoff(r.attempts + 1, retry.min, retry.max, self.rng),
+            )
+            for r in recipients
+        ]
+        await self._finish(message, outcomes, now)
+
+    async def _finish(
+        self,
+        message: MessageRow,
+        outcomes: Sequence[Outcome],
+        now: float,
+        body: bytes | None = None,
+    ) -> None:
+        """Records outcomes and any DSN they call for, in one transaction."""
+        failed = [o for o in outcomes if o.state == FAILED]
+        deferred = [o for o in outcomes if o.state == QUEUED]
+        warn = self._needs_delay_warning(message, deferred, now)
+        if (failed or warn) and body is None:
+            body = await self.store.run(lambda s: s.body(message.id))
+        notices = self._notices(message, failed, deferred if warn else [], body or b"", now)
+
+        def write(store: Store) -> bool:
+            for notice in notices:
+                store.insert(notice)
+            if warn:
+                store.mark_warned(message.id)
+            return store.record(message.id, outcomes)
+
+        done = await self.store.run(write)
+        for outcome in outcomes:
+            result = {DELIVERED: "delivered", FAILED: "bounced", QUEUED: "deferred"}[outcome.state]
+            metrics.deliveries.labels(_domain(outcome.address), result).inc()
+            log.info(
+                "%s: to=<%s> relay=%s status=%s (%s)",
+                message.id,
+                outcome.address,
+                outcome.host or "none",
+                {DELIVERED: "sent", FAILED: "bounced", QUEUED: "deferred"}[outcome.state],
+                outcome.reply,
+            )
+        if notices:
+            metrics.bounces.inc(len(notices))
+            self.wake.set()
+        if done:
+            log.info("%s: removed", message.id)
+
+    def _needs_delay_warning(
+        self, message: MessageRow, deferred: Sequence[Outcome], now: float
+    ) -> bool:
+        warn_after = self.config.retry.warn_after
+        return bool(
+            warn_after is not None
+            and deferred
+            and not message.warned
+            and message.sender
+            and now - message.received_at >= warn_after
+        )
+
+    def _notices(
+        self,
+        message: MessageRow,
+        failed: Sequence[Outcome],
+        delayed: Sequence[Outcome],
+        body: bytes,
+        now: float,
+    ) -> list[NewMessage]:
+        by_address = {r.address: r for r in message.recipients}
+        notices = []
+        for action, outcomes, wanted in (
+            ("failed", failed, "FAILURE"),
+            ("delayed", delayed, "DELAY"),
+        ):
+            reports = [
+                self._report(by_address[o.address], o, action, now)
+                for o in outcomes
+                if _notify_allows(by_address[o.address].notify, wanted)
+            ]
+            if not reports:
+                continue
+            if not message.sender:
+                # RFC 5321 4.5.5 / RFC 3464: never a DSN to the null reverse-path.
+                metrics.bounces_suppressed.inc()
+                log.info("%s: %s, no DSN to the null sender", message.id, action)
+                continue
+            notices.append(self._dsn_message(message, reports, body, now))
+        return notices
+
+    def _report(
+        self, recipient: RecipientRow, outcome: Outcome, action: str, now: float
+    ) -> dsn.RecipientReport:
+        code, _, text = outcome.reply.partition(" ")
+        code_number = int(code) if code.isdigit() else (500 if action == "failed" else 400)
+        return dsn.RecipientReport(
+            address=recipient.address,
+            original_recipient=recipient.orcpt,
+            action=action,
+            status=dsn.status_from_reply(code_number, text),
+            diagnostic=outcome.reply,
+            remote_mta=outcome.host or None,
+            last_attempt=datetime.fromtimestamp(now, UTC),
+        )
+
+    def _dsn_message(
+        self, message: MessageRow, reports: list[dsn.RecipientReport], body: bytes, now: float
+    ) -> NewMessage:
+        hostname = self.config.hostname
+        queue_id = new_queue_id(now)
+        data = dsn.build_dsn(
+            reporting_mta=hostname,
+            original_sender=message.sender,
+            original_message=body,
+            reports=reports,
+            arrival=datetime.fromtimestamp(message.received_at, UTC),
+            now=datetime.fromtimestamp(now, UTC),
+            envid=message.envid,
+            ret=message.ret,
+            message_id=f"<{queue_id}@{hostname}>",
+        )
+        log.info("%s: sender DSN %s to <%s>", message.id, queue_id, message.sender)
+        return NewMessage(
+            id=queue_id,
+            sender="",
+            recipients=(NewRecipient(message.sender),),
+            body=data,
+            received_at=now,
+            smtputf8=not message.sender.isascii(),
+            eightbit=not data.isascii(),
+        )
+
+
+class _RouteFailed(Exception):
+    """No session could be opened: routing failed or every hop refused us."""
+
+    def __init__(self, reason: RouteError | SessionError) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _notify_allows(notify: str | None, event: str) -> bool:
+    """RFC 3461 4.1: no NOTIFY means FAILURE (and, at our discretion, DELAY); NEVER means none."""
+    if notify is None:
+        return event in ("FAILURE", "DELAY")
+    return event in notify.split(",")
+
+
+def _expiry_reply(last_reply: str | None) -> str:
+    """The bounce reason for mail that outlived queue.lifetime: the last error we saw."""
+    if last_reply and last_reply[:1] in "45":
+        return f"{last_reply} (gave up: message too old)"
+    return "451 4.4.7 Delivery time expired"

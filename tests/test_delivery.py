@@ -1,0 +1,351 @@
+"""The delivery scheduler against real fake primaries over TCP, with an injected clock.
+
+Each test drives `Scheduler.tick()` itself and waits for the sessions it started (`settle()`),
+so retries, backoff and lifetime are exercised by moving the clock, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from relay import config as config_module
+from relay import metrics
+from relay.delivery import OPERATOR_BOUNCE, Scheduler, backoff
+from relay.mx import Router
+from relay.store import FAILED, HELD, QUEUED, AsyncStore, NewMessage, NewRecipient, Store
+from tests.fakeprimary import FakePrimary, fake_primary, unused_port
+
+__all__ = ["fake_primary"]
+
+BODY = b"Received: from x by y; Sun, 29 Nov 2026 10:00:00 +0000\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, clock: Clock) -> None:
+        self.tmp_path = tmp_path
+        self.clock = clock
+        self.store = AsyncStore(str(tmp_path / "queue.db"), clock)
+        self.settings: dict[str, Any] = {}
+        self.scheduler: Scheduler | None = None
+        self._count = 0
+
+    def configure(self, primary: list[str], **sections: Any) -> None:
+        data: dict[str, Any] = {
+            "hostname": "relay.test",
+            "queue": {"path": str(self.tmp_path / "queue.db")},
+            "retry": {"min": "1m", "max": "10m"},
+            "delivery": {"per_host_concurrency": 1, "probe_interval": "1s"},
+            "domain": [{"name": "example.test", "primary": primary, "tls": "none"}],
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        cfg = config_module.from_mapping(data, "test.toml")
+        router = Router(hostname="relay.test", listen=[("127.0.0.1", 2525)], nameservers=[])
+        self.scheduler = Scheduler(
+            store=self.store,
+            get_config=lambda: cfg,
+            router=router,
+            clock=self.clock,
+            rng=random.Random(7),
+        )
+
+    async def put(
+        self,
+        recipients: list[str],
+        sender: str = "alice@sender.test",
+        body: bytes = BODY,
+        **fields: Any,
+    ) -> str:
+        self._count += 1
+        message = NewMessage(
+            id=f"M{self._count:04d}",
+            sender=sender,
+            recipients=tuple(NewRecipient(r) for r in recipients),
+            body=body,
+            received_at=self.clock.now,
+            **fields,
+        )
+        await self.store.put(message)
+        return message.id
+
+    async def run(self) -> None:
+        assert self.scheduler is not None
+        await self.scheduler.tick()
+        await self.scheduler.settle()
+
+    def rows(self) -> Store:
+        return Store(str(self.tmp_path / "queue.db"), self.clock)
+
+
+@pytest_asyncio.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path, Clock())
+    yield h
+    if h.scheduler is not None:
+        await h.scheduler.stop()
+    h.store.close()
+
+
+Start = Callable[..., Awaitable[FakePrimary]]
+
+
+def _message_ids(store: Store) -> set[str]:
+    return {m.id for m in store.list_messages()}
+
+
+async def test_queued_mail_reaches_the_primary_byte_for_byte(
+    harness: Harness, fake_primary: Start
+) -> None:
+    fake = await fake_primary()
+    harness.configure([f"{fake.address}:{fake.port}"])
+    body = BODY + b"caf\xc3\xa9 8-bit \xff bytes\r\n.leading dot\r\nbare\nLF\r\n"
+    await harness.put(["bob@example.test"], body=body, eightbit=True)
+    await harness.run()
+    assert [t.data for t in fake.delivered] == [body]
+    assert fake.delivered[0].mail_from == "alice@sender.test"
+    assert _message_ids(harness.rows()) == set()
+
+
+async def test_several_messages_share_one_session(harness: Harness, fake_primary: Start) -> None:
+    fake = await fake_primary()
+    harness.configure([f"{fake.address}:{fake.port}"])
+    for _ in range(5):
+        await harness.put(["bob@example.test"])
+    await harness.run()
+    assert len(fake.delivered) == 5
+    assert fake.connections == 1
+
+
+async def test_mixed_replies_deliver_defer_and_bounce_per_recipient(
+    harness: Harness, fake_primary: Start
+) -> None:
+    fake = await fake_primary(
+        replies={
+            "later@example.test": "450 4.2.1 mailbox busy",
+            "gone@example.test": "550 5.1.1 no such user",
+        }
+    )
+    harness.configure([f"{fake.address}:{fake.port}"])
+    message_id = await harness.put(["ok@example.test", "later@example.test", "gone@example.test"])
+    await harness.run()
+    assert [r for r, _ in fake.delivered[0].rcpts] == [
+        "ok@example.test",
+        "later@example.test",
+        "gone@example.test",
+    ]
+    row = harness.rows().get(message_id)
+    assert row is not None
+    states = {r.address: (r.state, r.attempts, r.last_reply) for r in row.recipients}
+    assert states["ok@example.test"][0] == "delivered"
+    assert states["later@example.test"] == (QUEUED, 1, "450 4.2.1 mailbox busy")
+    assert states["gone@example.test"] == (FAILED, 1, "550 5.1.1 no such user")
+    later = next(r for r in row.recipients if r.address == "later@example.test")
+    assert 48 <= later.next_attempt_at - harness.clock.now <= 60  # retry.min with jitter
+    # The only recipient bounced is the rejected one, in a DSN to the sender via its own domain.
+    dsns = [m for m in harness.rows().list_messages() if m.sender == ""]
+    assert len(dsns) == 1
+    assert [r.address for r in dsns[0].recipients] == ["alice@sender.test"]
+    report = email.message_from_bytes(
+        harness.rows().body(dsns[0].id) or b"", policy=email.policy.default
+    )
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = status.get_payload()
+    recipients = [str(b["Final-Recipient"]) for b in blocks[1:]]
+    assert recipients == ["rfc822; gone@example.test"]
+    assert str(blocks[1]["Status"]) == "5.1.1"
+    assert "550 5.1.1 no such user" in str(blocks[1]["Diagnostic-Code"])
+
+
+async def test_deferred_recipient_is_retried_only_once_due_and_then_delivered(
+    harness: Harness, fake_primary: Start
+) -> None:
+    fake = await fake_primary(replies={"bob@example.test": "451 4.3.0 try later"})
+    harness.configure([f"{fake.address}:{fake.port}"])
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    assert len(fake.transactions) == 1
+    await harness.run()  # not due yet: no new attempt
+    assert len(fake.transactions) == 1
+    fake.replies.clear()
+    harness.clock.now += 61
+    await harness.run()
+    assert len(fake.delivered) == 1
+    assert message_id not in _message_ids(harness.rows())
+
+
+@pytest.mark.parametrize(
+    ("attempts", "low", "high"),
+    [
+        (1, 60, 60),
+        (2, 96, 120),
+        (3, 192, 240),
+        (4, 384, 480),
+        (5, 600, 600),  # 960 capped at retry.max
+        (40, 600, 600),  # no overflow, no silent stop: still the cap
+    ],
+)
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(
+    attempts: int, low: float, high: float
+) -> None:
+    for seed in range(20):
+        delay = backoff(attempts, 60.0, 600.0, random.Random(seed))
+        assert low * 0.8 - 1e-9 <= delay <= high + 1e-9
+        assert 60.0 <= delay <= 600.0
+
+
+async def test_unreachable_primary_defers_and_the_probe_delivers_on_recovery(
+    harness: Harness, fake_primary: Start
+) -> None:
+    port = unused_port("127.0.0.3")
+    harness.configure(
+        [f"127.0.0.3:{port}"], retry={"min": "1h", "max": "4h"}, delivery={"probe_interval": 0.05}
+    )
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    row = harness.rows().get(message_id)
+    assert row is not None and row.recipients[0].state == QUEUED
+    assert row.recipients[0].attempts == 1
+    assert harness.scheduler is not None
+    assert harness.scheduler.destinations["example.test"].up is False
+    fake = await fake_primary(address="127.0.0.3", port=port)
+    scheduler = harness.scheduler
+    recovered = scheduler.destinations["example.test"].recovered
+    await asyncio.wait_for(recovered.wait(), 10)
+    # The backoff (1h) never elapsed: the probe made the mail due now.
+    await harness.run()
+    assert len(fake.delivered) == 1
+    assert message_id not in _message_ids(harness.rows())
+
+
+async def test_lifetime_expiry_bounces_with_the_last_error(
+    harness: Harness, fake_primary: Start
+) -> None:
+    fake = await fake_primary(replies={"bob@example.test": "452 4.2.2 mailbox full"})
+    harness.configure([f"{fake.address}:{fake.port}"], queue={"lifetime": "1d"})
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    harness.clock.now += 86400 + 1
+    await harness.run()
+    rows = harness.rows()
+    assert message_id not in _message_ids(rows)
+    dsns = [m for m in rows.list_messages() if m.sender == ""]
+    assert len(dsns) == 1
+    text = (rows.body(dsns[0].id) or b"").decode()
+    assert "452 4.2.2 mailbox full" in text
+    assert "Action: failed" in text
+
+
+async def test_lifetime_expiry_holds_when_configured(harness: Harness, fake_primary: Start) -> None:
+    fake = await fake_primary(replies={"bob@example.test": "452 4.2.2 mailbox full"})
+    harness.configure(
+        [f"{fake.address}:{fake.port}"], queue={"lifetime": "1d", "on_expiry": "hold"}
+    )
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    harness.clock.now += 86400 + 1
+    await harness.run()
+    row = harness.rows().get(message_id)
+    assert row is not None and row.state == HELD
+    assert not [m for m in harness.rows().list_messages() if m.sender == ""]
+
+
+async def test_no_dsn_to_the_null_sender(harness: Harness, fake_primary: Start) -> None:
+    fake = await fake_primary(replies={"bob@example.test": "550 5.1.1 no such user"})
+    harness.configure([f"{fake.address}:{fake.port}"])
+    before = _sample("relay_bounces_suppressed_total")
+    await harness.put(["bob@example.test"], sender="")
+    await harness.run()
+    assert harness.rows().list_messages() == []
+    assert _sample("relay_bounces_suppressed_total") == before + 1
+
+
+async def test_operator_bounce_fails_remaining_recipients_with_a_dsn(
+    harness: Harness, fake_primary: Start
+) -> None:
+    port = unused_port("127.0.0.3")
+    harness.configure([f"127.0.0.3:{port}"])
+    message_id = await harness.put(["bob@example.test"])
+    harness.rows().request_bounce([message_id])
+    await harness.run()
+    rows = harness.rows()
+    assert message_id not in _message_ids(rows)
+    dsns = [m for m in rows.list_messages() if m.sender == ""]
+    assert len(dsns) == 1
+    assert OPERATOR_BOUNCE in (rows.body(dsns[0].id) or b"").decode()
+
+
+async def test_notify_never_suppresses_the_dsn(harness: Harness, fake_primary: Start) -> None:
+    fake = await fake_primary(replies={"bob@example.test": "550 5.1.1 no such user"})
+    harness.configure([f"{fake.address}:{fake.port}"])
+    message = NewMessage(
+        id="N1",
+        sender="alice@sender.test",
+        recipients=(NewRecipient("bob@example.test", notify="NEVER"),),
+        body=BODY,
+        received_at=harness.clock.now,
+    )
+    await harness.store.put(message)
+    await harness.run()
+    assert harness.rows().list_messages() == []
+
+
+async def test_dsn_parameters_reach_the_primary(harness: Harness, fake_primary: Start) -> None:
+    fake = await fake_primary()
+    harness.configure([f"{fake.address}:{fake.port}"])
+    message = NewMessage(
+        id="D1",
+        sender="alice@sender.test",
+        recipients=(
+            NewRecipient(
+                "bob@example.test", notify="DELAY,FAILURE", orcpt="rfc822;Bob@Example.test"
+            ),
+        ),
+        body=BODY,
+        received_at=harness.clock.now,
+        envid="Env-42",
+        ret="HDRS",
+    )
+    await harness.store.put(message)
+    await harness.run()
+    sent = fake.delivered[0]
+    assert "RET=HDRS" in sent.mail_options
+    assert "ENVID=Env-42" in sent.mail_options
+    assert sent.rcpts[0][1] == ["NOTIFY=DELAY,FAILURE", "ORCPT=rfc822;Bob@Example.test"]
+
+
+async def test_attempts_are_kept_for_queue_show(harness: Harness, fake_primary: Start) -> None:
+    fake = await fake_primary(replies={"bob@example.test": "451 4.3.0 try later"})
+    harness.configure([f"{fake.address}:{fake.port}"])
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    harness.clock.now += 3600
+    await harness.run()
+    row = harness.rows().get(message_id)
+    assert row is not None
+    assert [(a.address, a.host, a.reply) for a in row.attempts] == [
+        ("bob@example.test", fake.address, "451 4.3.0 try later")
+    ] * 2
+
+
+def _sample(name: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(name)
+    return value or 0.0
