@@ -26,7 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from relay import config as config_module
 from relay import metrics
 from relay.config import Config
+from relay.delivery import Scheduler
 from relay.intake import IntakeHandler, RelaySMTP
+from relay.mx import Router
 from relay.store import AsyncStore, NewMessage, Store
 
 log = logging.getLogger("relay")
@@ -143,13 +145,15 @@ class Relay:
         self.http_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
         self._tls = tls_context(cfg)
-        self.mail_arrived = asyncio.Event()
+        self.scheduler: Scheduler | None = None
+        self._delivery_task: asyncio.Task[None] | None = None
 
     def _serving(self) -> bool:
         return bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
 
     def _accepted(self, message: NewMessage) -> None:
-        self.mail_arrived.set()
+        if self.scheduler is not None:
+            self.scheduler.wake.set()  # the primary may well be up: try at once
 
     def _protocol(self) -> RelaySMTP:
         cfg = self.config
@@ -174,6 +178,7 @@ class Relay:
             )
             self.smtp_servers.append(server)
             log.info("listening for SMTP on %s", _sockname(server))
+        self._start_delivery()
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
             self.http_server = await asyncio.start_server(
@@ -186,6 +191,21 @@ class Relay:
             ",".join(d.name for d in self.config.domains),
             self.config.queue.path,
         )
+
+    def _start_delivery(self) -> None:
+        """Starts after the listeners, so the router knows every (address, port) that is us."""
+        cfg = self.config
+        router = Router(
+            hostname=cfg.hostname,
+            listen=self.smtp_addresses,
+            nameservers=cfg.dns.nameservers,
+            mx_port=cfg.delivery.mx_port,
+        )
+        self.scheduler = Scheduler(
+            store=self.store, get_config=lambda: self.config, router=router, clock=self.clock
+        )
+        self.handler.flush_domain = self.scheduler.flush_domain
+        self._delivery_task = asyncio.create_task(self.scheduler.run())
 
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:
@@ -222,6 +242,10 @@ class Relay:
         # cut, and its unacknowledged message is the client's to retry.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.handler.idle.wait(), grace)
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self._delivery_task is not None:
+            await asyncio.gather(self._delivery_task, return_exceptions=True)
         with contextlib.suppress(KeyError):
             metrics.REGISTRY.unregister(self._collector)
         await asyncio.to_thread(self.store.close)
