@@ -765,9 +765,25 @@ class AsyncStore:
                         self._jobs.put(None)
                         break
                     batch.append(more)
-                self._commit(store, batch)
+                # A caller that gave up (cancelled) before its job started loses nothing: drop
+                # the job. Once running, a job can no longer be cancelled, so its result is
+                # always set: cancelling a done future here used to kill this thread.
+                batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+                if batch:
+                    self._commit_or_fail(store, batch)
         finally:
             store.close()
+
+    @classmethod
+    def _commit_or_fail(cls, store: Store, batch: list[_Job]) -> None:
+        """Any surprise fails this batch's callers and keeps the writer (the queue) alive."""
+        try:
+            cls._commit(store, batch)
+        except Exception as exc:
+            log.exception("queue writer error")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(StorageError(f"queue writer error: {exc}"))
 
     @staticmethod
     def _commit(store: Store, batch: list[_Job]) -> None:
