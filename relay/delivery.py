@@ -201,8 +201,7 @@ class Scheduler:
         if dest.up is False:
             # Suspended: the probe owns recovery. Push the due mail on by its backoff.
             reply = dest.last_error or "421 4.4.1 destination down"
-            for message, recipients in items:
-                await self._defer(message, recipients, reply, now, host="")
+            await self._defer_many(items, reply, now, host="")
             self._ensure_probe(domain)
             return
         for message, recipients in items:
@@ -391,12 +390,13 @@ class Scheduler:
     async def _defer_queued(self, dest: Destination) -> None:
         """The destination went down: everything still waiting for it is deferred now."""
         reply = dest.last_error or "421 4.4.1 destination down"
-        now = self.clock()
+        items = []
         while not dest.queue.empty():
-            message, recipients = dest.queue.get_nowait()
-            try:
-                await self._defer(message, recipients, reply, now, host="")
-            finally:
+            items.append(dest.queue.get_nowait())
+        try:
+            await self._defer_many(items, reply, self.clock(), host="")
+        finally:
+            for message, _ in items:
                 self._release(message.id)
 
     def _release(self, message_id: str) -> None:
@@ -496,18 +496,41 @@ class Scheduler:
         now: float,
         host: str,
     ) -> None:
+        await self._defer_many([(message, tuple(recipients))], reply, now, host)
+
+    async def _defer_many(
+        self,
+        items: Sequence[tuple[MessageRow, tuple[RecipientRow, ...]]],
+        reply: str,
+        now: float,
+        host: str,
+    ) -> None:
+        """Defers many messages in one transaction (a destination just went down).
+
+        One write for the lot also keeps the order of events in the store: a recovery that
+        reschedules the destination afterwards cannot be overtaken by a late deferral.
+        """
         retry = self.config.retry
-        outcomes = [
-            Outcome(
-                r.address,
-                QUEUED,
-                reply,
-                host,
-                now + backoff(r.attempts + 1, retry.min, retry.max, self.rng),
-            )
-            for r in recipients
-        ]
-        await self._finish(message, outcomes, now)
+        await self._finish_many(
+            [
+                (
+                    message,
+                    [
+                        Outcome(
+                            r.address,
+                            QUEUED,
+                            reply,
+                            host,
+                            now + backoff(r.attempts + 1, retry.min, retry.max, self.rng),
+                        )
+                        for r in recipients
+                    ],
+                    None,
+                )
+                for message, recipients in items
+            ],
+            now,
+        )
 
     async def _finish(
         self,
@@ -516,22 +539,50 @@ class Scheduler:
         now: float,
         body: bytes | None = None,
     ) -> None:
-        """Records outcomes and any DSN they call for, in one transaction."""
-        failed = [o for o in outcomes if o.state == FAILED]
-        deferred = [o for o in outcomes if o.state == QUEUED]
-        warn = self._needs_delay_warning(message, deferred, now)
-        if (failed or warn) and body is None:
-            body = await self.store.run(lambda s: s.body(message.id))
-        notices = self._notices(message, failed, deferred if warn else [], body or b"", now)
+        await self._finish_many([(message, outcomes, body)], now)
 
-        def write(store: Store) -> bool:
+    async def _finish_many(
+        self,
+        batch: Sequence[tuple[MessageRow, Sequence[Outcome], bytes | None]],
+        now: float,
+    ) -> None:
+        """Records outcomes and any DSN they call for, in one transaction."""
+        if not batch:
+            return
+        plans = []
+        for message, outcomes, body in batch:
+            failed = [o for o in outcomes if o.state == FAILED]
+            deferred = [o for o in outcomes if o.state == QUEUED]
+            warn = self._needs_delay_warning(message, deferred, now)
+            plans.append((message, outcomes, body, failed, deferred, warn))
+        missing = [p[0].id for p in plans if (p[3] or p[5]) and p[2] is None]
+        bodies: dict[str, bytes | None] = {}
+        if missing:
+            bodies = await self.store.run(lambda s: {i: s.body(i) for i in missing})
+        notices: list[NewMessage] = []
+        warned: list[str] = []
+        for message, _, body, failed, deferred, warn in plans:
+            data = body if body is not None else bodies.get(message.id)
+            notices += self._notices(message, failed, deferred if warn else [], data or b"", now)
+            if warn:
+                warned.append(message.id)
+
+        def write(store: Store) -> list[bool]:
             for notice in notices:
                 store.insert(notice)
-            if warn:
-                store.mark_warned(message.id)
-            return store.record(message.id, outcomes)
+            for message_id in warned:
+                store.mark_warned(message_id)
+            return [store.record(message.id, outcomes) for message, outcomes, *_ in plans]
 
         done = await self.store.run(write)
+        for (message, outcomes, *_), removed in zip(plans, done, strict=True):
+            self._log_outcomes(message, outcomes, removed)
+        if notices:
+            metrics.bounces.inc(len(notices))
+            self.wake.set()
+
+    @staticmethod
+    def _log_outcomes(message: MessageRow, outcomes: Sequence[Outcome], removed: bool) -> None:
         for outcome in outcomes:
             result = {DELIVERED: "delivered", FAILED: "bounced", QUEUED: "deferred"}[outcome.state]
             metrics.deliveries.labels(_domain(outcome.address), result).inc()
@@ -543,10 +594,7 @@ class Scheduler:
                 {DELIVERED: "sent", FAILED: "bounced", QUEUED: "deferred"}[outcome.state],
                 outcome.reply,
             )
-        if notices:
-            metrics.bounces.inc(len(notices))
-            self.wake.set()
-        if done:
+        if removed:
             log.info("%s: removed", message.id)
 
     def _needs_delay_warning(
