@@ -253,6 +253,19 @@ def _v2_destinations(db: sqlite_utils.Database) -> None:
     )
 
 
+@_migration
+def _v3_recipient_verdicts(db: sqlite_utils.Database) -> None:
+    """What a primary said about each recipient (callouts, deliveries): relay.policy's memory.
+
+    Kept in the queue database so that it survives a restart during an outage, when it matters.
+    """
+    db.table("recipient_verdicts").create(
+        {"address": str, "accepted": int, "checked_at": float},
+        pk="address",
+        not_null={"accepted", "checked_at"},
+    )
+
+
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -556,6 +569,27 @@ class Store:
                 "SELECT domain, up, since, last_error, last_success FROM destinations"
             )
         }
+
+    # -- recipient verdicts (relay.policy) -----------------------------------------------------
+
+    @_translated
+    def verdicts(self) -> list[tuple[str, bool, float]]:
+        """Every remembered answer: (address, accepted, checked_at)."""
+        rows = self.conn.execute("SELECT address, accepted, checked_at FROM recipient_verdicts")
+        return [(str(a), bool(ok), float(at)) for a, ok, at in rows]
+
+    def save_verdicts(self, verdicts: Sequence[tuple[str, bool, float]]) -> None:
+        """Remembers (address, accepted, checked_at) answers; call inside a transaction."""
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO recipient_verdicts (address, accepted, checked_at)"
+            " VALUES (?,?,?)",
+            [(address, int(accepted), at) for address, accepted, at in verdicts],
+        )
+
+    def forget_verdicts(self, before: float) -> int:
+        """Drops answers checked before `before`; call inside a transaction."""
+        cursor = self.conn.execute("DELETE FROM recipient_verdicts WHERE checked_at < ?", (before,))
+        return int(cursor.rowcount)
 
     @_translated
     def data_version(self) -> int:
