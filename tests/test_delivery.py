@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from conftest import LOCAL_DNS
+from dnsserver import DnsServer, dns_server
 
 from relay import config as config_module
 from relay import metrics
@@ -24,7 +26,7 @@ from relay.mx import Router
 from relay.store import FAILED, HELD, QUEUED, AsyncStore, NewMessage, NewRecipient, Store
 from tests.fakeprimary import FakePrimary, fake_primary, unused_port
 
-__all__ = ["fake_primary"]
+__all__ = ["dns_server", "fake_primary"]
 
 BODY = b"Received: from x by y; Sun, 29 Nov 2026 10:00:00 +0000\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -46,18 +48,32 @@ class Harness:
         self.scheduler: Scheduler | None = None
         self._count = 0
 
-    def configure(self, primary: list[str], **sections: Any) -> None:
+    def configure(
+        self,
+        primary: list[str],
+        nameservers: list[str] | None = None,
+        mx_port: int = 25,
+        **sections: Any,
+    ) -> None:
         data: dict[str, Any] = {
             "hostname": "relay.test",
             "queue": {"path": str(self.tmp_path / "queue.db")},
             "retry": {"min": "1m", "max": "10m"},
             "delivery": {"per_host_concurrency": 1, "probe_interval": "1s"},
+            "dns": {"nameservers": nameservers or [LOCAL_DNS.address]},
             "domain": [{"name": "example.test", "primary": primary, "tls": "none"}],
         }
+        data["delivery"]["mx_port"] = mx_port
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)
         cfg = config_module.from_mapping(data, "test.toml")
-        router = Router(hostname="relay.test", listen=[("127.0.0.1", 2525)], nameservers=[])
+        router = Router(
+            hostname="relay.test",
+            listen=[("127.0.0.20", mx_port)],
+            nameservers=cfg.dns.nameservers,
+            mx_port=mx_port,
+            timeout=2.0,
+        )
         self.scheduler = Scheduler(
             store=self.store,
             get_config=lambda: cfg,
@@ -346,6 +362,147 @@ async def test_attempts_are_kept_for_queue_show(harness: Harness, fake_primary: 
     ] * 2
 
 
-def _sample(name: str) -> float:
-    value = metrics.REGISTRY.get_sample_value(name)
+def _sample(name: str, **labels: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(name, labels)
     return value or 0.0
+
+
+# -- routing through real DNS (RFC 5321 5.1) ---------------------------------------------------
+
+
+async def _two_fakes_on_one_port(start: Start, first: str, second: str) -> tuple[FakePrimary, ...]:
+    """MX hosts all listen on delivery.mx_port: find a port free on both addresses."""
+    one = await start(address=first)
+    two = await start(address=second, port=one.port)
+    return one, two
+
+
+async def test_mx_preference_delivers_to_the_best_host_and_never_past_ourselves(
+    harness: Harness, fake_primary: Start, dns_server: DnsServer
+) -> None:
+    best, third = await _two_fakes_on_one_port(fake_primary, "127.0.0.10", "127.0.0.30")
+    dns_server.set(
+        "example.test.",
+        [("MX", "10 mx1.example.test."), ("MX", "20 relay.test."), ("MX", "30 mx3.example.test.")],
+    )
+    dns_server.set("mx1.example.test.", [("A", "127.0.0.10")])
+    dns_server.set("relay.test.", [("A", "127.0.0.20")])
+    dns_server.set("mx3.example.test.", [("A", "127.0.0.30")])
+    harness.configure([], nameservers=[dns_server.address], mx_port=best.port)
+    await harness.put(["bob@example.test"])
+    await harness.run()
+    assert len(best.delivered) == 1
+    # The primary goes away: the host at 30 (worse than us) is never tried; mail waits.
+    await best.stop()
+    await harness.put(["carol@example.test"])
+    await harness.run()
+    assert third.connections == 0
+    assert len(harness.rows().list_messages()) == 1
+    assert ("mx3.example.test.", "A") not in dns_server.queries
+
+
+async def test_fallback_across_hosts_of_equal_preference_and_across_addresses(
+    harness: Harness, fake_primary: Start, dns_server: DnsServer
+) -> None:
+    live = await fake_primary(address="127.0.0.12")
+    dns_server.set(
+        "example.test.", [("MX", "10 dead.example.test."), ("MX", "10 mx.example.test.")]
+    )
+    dns_server.set("dead.example.test.", [("A", "127.0.0.11")])
+    # mx.example.test has a dead address and a live one: both are tried.
+    dns_server.set("mx.example.test.", [("A", "127.0.0.13"), ("A", "127.0.0.12")])
+    harness.configure([], nameservers=[dns_server.address], mx_port=live.port)
+    for _ in range(4):
+        await harness.put(["bob@example.test"])
+        await harness.run()
+    assert len(live.delivered) == 4
+    assert harness.rows().list_messages() == []
+
+
+async def test_when_we_are_the_best_mx_mail_is_kept_with_a_clear_error(
+    harness: Harness, fake_primary: Start, dns_server: DnsServer
+) -> None:
+    other = await fake_primary(address="127.0.0.30")
+    dns_server.set("example.test.", [("MX", "10 relay.test."), ("MX", "20 backup.example.test.")])
+    dns_server.set("relay.test.", [("A", "127.0.0.20")])
+    dns_server.set("backup.example.test.", [("A", "127.0.0.30")])
+    harness.configure([], nameservers=[dns_server.address], mx_port=other.port)
+    before = _sample("relay_routing_failures_total", domain="example.test", kind="no_preferred_mx")
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    row = harness.rows().get(message_id)
+    assert row is not None and row.recipients[0].state == QUEUED
+    assert "no MX host preferred over relay.test" in (row.recipients[0].last_reply or "")
+    assert other.connections == 0
+    after = _sample("relay_routing_failures_total", domain="example.test", kind="no_preferred_mx")
+    assert after == before + 1
+
+
+async def test_a_domain_that_does_not_exist_fails_its_recipients_for_good(
+    harness: Harness, dns_server: DnsServer
+) -> None:
+    harness.configure([], nameservers=[dns_server.address])
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    assert message_id not in _message_ids(harness.rows())
+    dsns = [m for m in harness.rows().list_messages() if m.sender == ""]
+    assert len(dsns) == 1
+
+
+async def test_dns_servfail_defers(harness: Harness, dns_server: DnsServer) -> None:
+    dns_server.servfail("example.test.")
+    harness.configure([], nameservers=[dns_server.address])
+    message_id = await harness.put(["bob@example.test"])
+    await harness.run()
+    row = harness.rows().get(message_id)
+    assert row is not None and row.recipients[0].state == QUEUED
+
+
+# -- what the primary cannot take ---------------------------------------------------------------
+
+
+async def test_smtputf8_message_to_a_primary_without_it_bounces_with_5_6_7(
+    harness: Harness, fake_primary: Start
+) -> None:
+    fake = await fake_primary(smtputf8=False)
+    harness.configure([f"{fake.address}:{fake.port}"])
+    await harness.put(["bob@example.test"], sender="józef@sender.test", smtputf8=True)
+    await harness.run()
+    assert fake.delivered == []
+    dsns = [m for m in harness.rows().list_messages() if m.sender == ""]
+    assert len(dsns) == 1
+    assert b"5.6.7" in (harness.rows().body(dsns[0].id) or b"")
+
+
+async def test_message_bigger_than_the_primary_takes_bounces_with_5_3_4(
+    harness: Harness, fake_primary: Start
+) -> None:
+    fake = await fake_primary(size_limit=100)
+    harness.configure([f"{fake.address}:{fake.port}"])
+    await harness.put(["bob@example.test"], body=BODY + b"x" * 200 + b"\r\n")
+    await harness.run()
+    assert fake.delivered == []
+    dsns = [m for m in harness.rows().list_messages() if m.sender == ""]
+    assert b"5.3.4" in (harness.rows().body(dsns[0].id) or b"")
+
+
+async def test_delay_warning_is_sent_once_after_warn_after(
+    harness: Harness, fake_primary: Start
+) -> None:
+    fake = await fake_primary(replies={"bob@example.test": "451 4.3.0 try later"})
+    harness.configure([f"{fake.address}:{fake.port}"], retry={"warn_after": "4h"})
+    await harness.put(["bob@example.test"])
+    await harness.run()
+    assert [m for m in harness.rows().list_messages() if m.sender == ""] == []
+    seen: dict[str, bytes] = {}
+    for _ in range(4):
+        harness.clock.now += 3 * 3600
+        assert harness.scheduler is not None
+        await harness.scheduler.tick()  # the warning is queued in the same write as the deferral
+        await harness.scheduler.settle()
+        rows = harness.rows()
+        seen |= {m.id: rows.body(m.id) or b"" for m in rows.list_messages() if m.sender == ""}
+    assert len(seen) == 1
+    text = next(iter(seen.values())).decode()
+    assert "Action: delayed" in text
+    assert "Delayed Mail" in text

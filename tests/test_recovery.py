@@ -1,0 +1,344 @@
+"""Issue 4 end to end: the primary's return is noticed by probing, not by backoff timers, and
+everything the operator watches (metrics, `relay status`, logs, ETRN) follows what happens.
+
+A real relay runs in-process on loopback; the primary is a fake MTA that the test starts and
+stops; the metrics are scraped from the real HTTP endpoint and parsed with prometheus_client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import (
+    DOMAIN,
+    metrics_url,
+    relay_command,
+    relay_env,
+    sample,
+    scrape,
+    send_mail,
+    smtp_address,
+    write_config,
+)
+from fakeprimary import FakePrimary, fake_primary, unused_port
+
+from relay.service import Relay
+from relay.store import Store
+
+__all__ = ["fake_primary"]
+
+StartRelay = Callable[..., Awaitable[Relay]]
+StartPrimary = Callable[..., Awaitable[FakePrimary]]
+PRIMARY_ADDRESS = "127.0.0.5"
+
+
+async def wait_until(condition: Callable[[], Any], what: str, limit: float = 15.0) -> Any:
+    """Polls a condition (plain or async) until it holds; fails at the deadline."""
+    deadline = time.monotonic() + limit
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def metric(url: str, name: str, **labels: str) -> float:
+    """One sample scraped from the real endpoint, off the event loop that serves it."""
+    return sample(await asyncio.to_thread(scrape, url), name, **labels)
+
+
+def primary_domain(port: int, **extra: Any) -> list[dict[str, Any]]:
+    return [{"name": DOMAIN, "primary": [f"{PRIMARY_ADDRESS}:{port}"], "tls": "none", **extra}]
+
+
+async def send(server: Relay, count: int = 1, to: str = f"bob@{DOMAIN}") -> list[str]:
+    return [await asyncio.to_thread(send_mail, smtp_address(server), [to]) for _ in range(count)]
+
+
+def queue_ids(server: Relay) -> set[str]:
+    store = Store(server.config.queue.path)
+    try:
+        return {m.id for m in store.list_messages()}
+    finally:
+        store.close()
+
+
+async def test_recovery_delivers_within_ten_seconds_whatever_the_backoff(
+    relay_factory: StartRelay, fake_primary: StartPrimary
+) -> None:
+    port = unused_port(PRIMARY_ADDRESS)
+    # Backoff far longer than the test: only the probe can make this mail due again.
+    server = await relay_factory(domain=primary_domain(port), retry={"min": "1h", "max": "4h"})
+    ids = await send(server, 3)
+    await wait_until(
+        lambda: (
+            server.scheduler
+            and server.scheduler.destinations.get(DOMAIN)
+            and server.scheduler.destinations[DOMAIN].up is False
+        ),
+        "the relay to find the primary down",
+    )
+    primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
+    started = time.monotonic()
+    await wait_until(lambda: len(primary.delivered) == 3, "redelivery after recovery", 10.0)
+    assert time.monotonic() - started < 10.0
+    await wait_until(lambda: not queue_ids(server), "an empty queue")
+    assert all(i not in queue_ids(server) for i in ids)
+
+
+async def test_metrics_follow_accept_defer_deliver_and_bounce(
+    relay_factory: StartRelay, fake_primary: StartPrimary
+) -> None:
+    port = unused_port(PRIMARY_ADDRESS)
+    server = await relay_factory(domain=primary_domain(port), delivery={"probe_interval": "0.1s"})
+    url = metrics_url(server)
+    before = await asyncio.to_thread(scrape, url)
+    assert sample(before, "relay_queue_messages", state="queued") == 0
+    await send(server, 2)
+    await send(server, 1, to=f"gone@{DOMAIN}")
+
+    def grew(now: dict[Any, float], name: str, **labels: str) -> float:
+        """Counters are process-wide: each assertion is about what this test added."""
+        return sample(now, name, **labels) - sample(before, name, **labels)
+
+    async def deferred() -> bool:
+        samples = await asyncio.to_thread(scrape, url)
+        return grew(samples, "relay_deliveries_total", domain=DOMAIN, result="deferred") >= 3
+
+    await wait_until(deferred, "three deferrals while the primary is down")
+    down = await asyncio.to_thread(scrape, url)
+    assert grew(down, "relay_messages_accepted_total", domain=DOMAIN) == 3
+    assert sample(down, "relay_queue_messages", state="queued") == 3
+    assert sample(down, "relay_queue_recipients", domain=DOMAIN) == 3
+    assert sample(down, "relay_queue_oldest_message_age_seconds", domain=DOMAIN) > 0
+    assert sample(down, "relay_primary_up", domain=DOMAIN) == 0
+    assert grew(down, "relay_smtp_connections_total") == 3
+    assert sample(down, "relay_smtp_connections") == 0
+
+    await fake_primary(
+        address=PRIMARY_ADDRESS, port=port, replies={f"gone@{DOMAIN}": "550 5.1.1 no such user"}
+    )
+
+    async def delivered_and_bounced() -> bool:
+        samples = await asyncio.to_thread(scrape, url)
+        delivered = grew(samples, "relay_deliveries_total", domain=DOMAIN, result="delivered")
+        return delivered == 2 and grew(samples, "relay_bounces_total") == 1
+
+    await wait_until(delivered_and_bounced, "two deliveries and one DSN after recovery")
+    after = await asyncio.to_thread(scrape, url)
+    assert grew(after, "relay_deliveries_total", domain=DOMAIN, result="bounced") == 1
+    assert sample(after, "relay_primary_up", domain=DOMAIN) == 1
+    assert sample(after, "relay_primary_last_success_timestamp_seconds", domain=DOMAIN) > 0
+    assert sample(after, "relay_queue_recipients", domain=DOMAIN) == 0
+    assert grew(after, "relay_delivery_duration_seconds_count") >= 2
+
+    # The DSN went to the sender's domain, which (in the test DNS) does not exist: the DSN
+    # fails for good, and a DSN about a DSN is never sent.
+    async def dsn_settled() -> bool:
+        samples = await asyncio.to_thread(scrape, url)
+        bounced = grew(samples, "relay_deliveries_total", domain="client.test", result="bounced")
+        return bounced == 1 and grew(samples, "relay_bounces_suppressed_total") == 1
+
+    await wait_until(dsn_settled, "the DSN to a non-existent domain to fail without a DSN")
+
+
+async def test_queue_gauges_are_right_from_the_first_scrape_after_a_restart(
+    relay_factory: StartRelay, tmp_path: Path
+) -> None:
+    first = await relay_factory()
+    await send(first, 2)
+    await first.stop(grace=1)
+    second = await relay_factory()
+    samples = await asyncio.to_thread(scrape, metrics_url(second))
+    assert sample(samples, "relay_queue_messages", state="queued") == 2
+    assert sample(samples, "relay_queue_recipients", domain=DOMAIN) == 2
+
+
+async def test_healthz_answers_200_while_smtp_is_served(relay_server: Relay) -> None:
+    def get(url: str) -> int:
+        import urllib.error
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(url, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    url = metrics_url(relay_server, "/healthz")
+    assert await asyncio.to_thread(get, url) == 200
+    for smtp in relay_server.smtp_servers:
+        smtp.close()
+    assert await asyncio.to_thread(get, url) == 503
+
+
+async def test_etrn_from_an_allowed_client_flushes_the_domain(
+    relay_factory: StartRelay, fake_primary: StartPrimary
+) -> None:
+    port = unused_port(PRIMARY_ADDRESS)
+    server = await relay_factory(
+        domain=primary_domain(port),
+        retry={"min": "1h", "max": "4h"},
+        delivery={"probe_interval": "1h"},  # only ETRN can bring this mail back now
+        smtp={"etrn_clients": ["127.0.0.0/8"]},
+    )
+    await send(server, 2)
+    await wait_until(
+        lambda: (
+            server.scheduler is not None
+            and server.scheduler.destinations.get(DOMAIN) is not None
+            and server.scheduler.destinations[DOMAIN].up is False
+        ),
+        "the primary to be seen down",
+    )
+    primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
+    from conftest import conversation
+
+    async with conversation(smtp_address(server)) as talk:
+        ehlo = await talk.ehlo()
+        assert "ETRN" in ehlo.text
+        reply = await talk.command(f"ETRN {DOMAIN}")
+    assert reply.code == 250
+    await wait_until(lambda: len(primary.delivered) == 2, "delivery after ETRN")
+
+
+async def test_etrn_from_other_clients_is_refused(relay_factory: StartRelay) -> None:
+    server = await relay_factory(smtp={"etrn_clients": ["192.0.2.0/24"]})
+    from conftest import conversation
+
+    async with conversation(smtp_address(server)) as talk:
+        await talk.ehlo()
+        refused = await talk.command(f"ETRN {DOMAIN}")
+        syntax = await talk.command("ETRN")
+    assert refused.code == 459
+    assert syntax.code == 501
+
+
+async def test_status_shows_queue_and_primary_state(
+    relay_factory: StartRelay, tmp_path: Path
+) -> None:
+    port = unused_port(PRIMARY_ADDRESS)
+    server = await relay_factory(domain=primary_domain(port))
+    await send(server, 2)
+    await wait_until(
+        lambda: (
+            server.scheduler is not None
+            and server.scheduler.destinations.get(DOMAIN) is not None
+            and server.scheduler.destinations[DOMAIN].up is False
+        ),
+        "the primary to be seen down",
+    )
+    config_path = write_config(tmp_path, "status.toml", queue={"path": server.config.queue.path})
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            relay_command("status", "--config", str(config_path), *args),
+            capture_output=True,
+            text=True,
+            env=relay_env(),
+            timeout=30,
+        )
+
+    async def persisted() -> bool:
+        result = await asyncio.to_thread(run, "--json")
+        return bool(json.loads(result.stdout)[0]["primary"] == "down")
+
+    deadline = time.monotonic() + 10
+    while not await persisted():
+        assert time.monotonic() < deadline, "status never showed the primary down"
+        await asyncio.sleep(0.05)
+    table = await asyncio.to_thread(run)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["DOMAIN", "MSGS", "RCPTS", "OLDEST", "PRIMARY"]
+    assert lines[1].split()[:3] == [DOMAIN, "2", "2"]
+    assert "down since" in lines[1]
+    assert "last error: 421 4.4.1 connection refused" in table.stdout
+    report = json.loads((await asyncio.to_thread(run, "--json")).stdout)
+    assert report[0]["domain"] == DOMAIN
+    assert report[0]["queued_messages"] == 2
+    assert report[0]["queued_recipients"] == 2
+    assert report[0]["primary"] == "down"
+    assert report[0]["last_error"].startswith("421 4.4.1")
+
+
+async def test_drain_after_recovery_causes_no_deferral_of_our_own(
+    relay_factory: StartRelay, fake_primary: StartPrimary
+) -> None:
+    port = unused_port(PRIMARY_ADDRESS)
+    server = await relay_factory(
+        domain=primary_domain(port),
+        delivery={"probe_interval": "0.1s"},
+        retry={"min": "1h", "max": "4h"},
+    )
+    url = metrics_url(server)
+    baseline = await metric(url, "relay_deliveries_total", domain=DOMAIN, result="deferred")
+    store = Store(server.config.queue.path)
+    try:
+        from relay.store import NewMessage, NewRecipient, new_queue_id
+
+        now = time.time()
+
+        def fill(s: Store) -> None:
+            for n in range(500):
+                s.insert(
+                    NewMessage(
+                        id=new_queue_id(now) + f"{n:04d}",
+                        sender="alice@client.test",
+                        recipients=(NewRecipient(f"user{n}@{DOMAIN}"),),
+                        body=b"Subject: bulk\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26,
+                        received_at=now,
+                    )
+                )
+
+        store.transaction(fill)
+    finally:
+        store.close()
+
+    async def all_deferred_once() -> bool:
+        deferred = await metric(url, "relay_deliveries_total", domain=DOMAIN, result="deferred")
+        return deferred - baseline >= 500
+
+    # The outage: every message is tried (or suspended) and deferred exactly once.
+    await wait_until(all_deferred_once, "the first deferral of all 500 messages", 30)
+    deferred_before = await metric(url, "relay_deliveries_total", domain=DOMAIN, result="deferred")
+    assert deferred_before - baseline == 500
+    delivered_before = await metric(
+        url, "relay_deliveries_total", domain=DOMAIN, result="delivered"
+    )
+    primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
+    await wait_until(lambda: len(primary.delivered) == 500, "the whole queue drained", 60)
+    after = await asyncio.to_thread(scrape, url)
+    assert sample(after, "relay_deliveries_total", domain=DOMAIN, result="deferred") == (
+        deferred_before
+    )
+    delivered = sample(after, "relay_deliveries_total", domain=DOMAIN, result="delivered")
+    assert delivered - delivered_before == 500
+
+
+def test_json_log_lines_carry_the_queue_id(tmp_path: Path) -> None:
+    from conftest import RelayProcess
+
+    config_path = write_config(tmp_path, log={"format": "json"})
+    process = RelayProcess(config_path, tmp_path / "relay.log")
+    address = process.start()
+    try:
+        queue_id = send_mail(address, [f"bob@{DOMAIN}"])
+    finally:
+        process.stop()
+    events = [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+    accepted = [e for e in events if queue_id in e["message"] and "accepted" in e["message"]]
+    assert len(accepted) == 1
+    assert accepted[0]["level"] == "info"
+    assert {"time", "logger", "message"} <= set(accepted[0])
