@@ -30,6 +30,7 @@ import dns.nameserver
 import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from relay.config import parse_hostport
@@ -203,6 +204,61 @@ class Router:
             return True
         return port in self._wildcard_ports and _is_local(ip)
 
+    # -- records as published, for `relay doctor` ---------------------------------------------
+
+    async def mx_records(self, domain: str) -> list[tuple[int, str]]:
+        """The MX records of `domain` as (preference, host), best first; [] when it has none.
+
+        Hosts are lower-case without the final dot; a null MX (RFC 7505) shows as (0, ".").
+        Unlike `hops`, nothing is dropped: the doctor judges the records as senders see them.
+        Raises RouteError (NXDOMAIN when the domain does not exist).
+        """
+        records = await self._lookup(domain, "MX")
+        found = {
+            (rd.preference, rd.exchange.to_text(omit_final_dot=True).lower())
+            for rd in records
+            if isinstance(rd, dns.rdtypes.ANY.MX.MX)
+        }
+        return sorted(found)
+
+    async def addresses(self, host: str) -> list[str]:
+        """Every IPv4 then IPv6 address of `host`; [] when it has none or does not exist.
+
+        Raises RouteError when the DNS could not say (timeout, SERVFAIL) and no address was found.
+        """
+        found, error = await self._addresses(host)
+        if error is not None and not found:
+            raise error
+        return found
+
+    async def txt_records(self, name: str) -> list[str]:
+        """The TXT records of `name`, each one's strings joined (RFC 7208 3.3 does the same).
+
+        [] when there are none or the name does not exist; raises RouteError on DNS failure.
+        """
+        try:
+            records = await self._lookup(name, "TXT")
+        except RouteError as exc:
+            if exc.kind == NXDOMAIN:
+                return []
+            raise
+        return [
+            b"".join(rd.strings).decode("utf-8", "replace")
+            for rd in records
+            if isinstance(rd, dns.rdtypes.ANY.TXT.TXT)
+        ]
+
+    def is_our_name(self, host: str) -> bool:
+        """Whether `host` is our host name (case-insensitive, trailing dot or not)."""
+        try:
+            return bool(_dns_name(host) == self._me)
+        except ValueError:
+            return False
+
+    def listens_on(self, address: str, port: int) -> bool:
+        """Whether we accept SMTP at [address]:port; a wildcard listen covers every local one."""
+        return self._is_listener(_ip(address), port)
+
     # -- DNS ------------------------------------------------------------------------------
 
     async def _addresses(self, host: str) -> tuple[list[str], RouteError | None]:
@@ -289,6 +345,11 @@ def _ip(text: str) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def is_local_address(address: str) -> bool:
+    """Whether `address` is assigned to this machine (loopback and wildcard always are)."""
+    return _is_local(_ip(address))
 
 
 def _is_local(ip: IPAddress) -> bool:
