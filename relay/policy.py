@@ -1,0 +1,506 @@
+"""Recipient policy: refuse at RCPT time what the primary would refuse, and stay out of its way.
+
+A backup MX that accepts mail for a mailbox that does not exist must bounce it later, to a sender
+that is usually forged (backscatter). So for each domain the relay knows who exists, from any of:
+
+* `recipients` (local parts, addresses, or "*") and `recipients_file` (one per line, `#`
+  comments), the file re-read when it changes and on SIGHUP;
+* `verify = "callout"`: while the primary answers, ask it (MAIL FROM:<>, RCPT TO, no DATA) and
+  remember the answer, positive for `verify_positive_ttl`, negative for `verify_negative_ttl`.
+  Every recipient the primary accepts on delivery is remembered too, so that the relay knows the
+  real mailboxes before the next outage starts. While the primary is down, a remembered mailbox
+  is accepted and one never seen gets 450 4.1.1 (or is accepted, `verify_unknown_while_down`):
+  the sender keeps the message and retries, nothing is lost and nothing bounces.
+
+and `accept = "when_primary_down"` turns mail away (450 4.7.0) while the primary is up, so that
+spammers who aim at backup MXes get nothing. Unknown recipients get 550 5.1.1; after
+`smtp.max_unknown_recipients` of them in one session, 421 and the session ends (dictionary
+attacks). Whether a primary is up comes from the delivery scheduler and, when that is stale, from
+probes of our own (`PrimaryWatch`).
+
+The remembered answers live in the queue database (relay.store), so they survive a restart that
+happens during an outage, which is exactly when they are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.config import Config, DomainConfig
+from relay.courier import Reply, SessionError, probe, verify_recipient
+from relay.limits import Refusal
+from relay.mx import Hop, RouteError, Router
+from relay.store import AsyncStore, StorageError, Store
+
+log = logging.getLogger("relay.policy")
+
+CALLOUT_TIMEOUT = 30.0  # per reply; a sender waits 5 minutes for our RCPT reply (RFC 5321 4.5.3.2)
+PROBE_TIMEOUT = 10.0
+UP_REFRESH = 12  # an "up" is re-checked every 12 probe intervals (1 minute by default)
+LEARN_REFRESH = 86400.0  # a learned mailbox is written again at most once a day
+_PRUNE_EVERY = 1024
+
+
+class Replies:
+    """Reply texts of the recipient policy (kept here so that intake.py need not change)."""
+
+    UNKNOWN = "550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+    TOO_MANY_UNKNOWN = "421 4.7.0 {host} Error: too many unknown recipients, closing connection"
+    UNVERIFIED = (
+        "450 4.1.1 <{address}>: Recipient address rejected: cannot verify the address while"
+        " the primary mail server is unreachable, try again later"
+    )
+    PRIMARY_UP = (
+        "450 4.7.0 <{address}>: this backup MX takes mail only while the primary is down;"
+        " deliver to the primary MX"
+    )
+
+
+class Session(Protocol):
+    """What the policy keeps on an SMTP session (intake's RelaySession)."""
+
+    unknown_recipients: int
+
+
+class DestinationView(Protocol):
+    """What the delivery scheduler knows of a destination (relay.delivery.Destination)."""
+
+    @property
+    def up(self) -> bool | None: ...
+
+    @property
+    def last_success(self) -> float | None: ...
+
+
+class Verifier(Protocol):
+    def __call__(
+        self, hop: Hop, *, helo: str, address: str, timeout: float
+    ) -> Awaitable[Reply]: ...
+
+
+class Prober(Protocol):
+    def __call__(self, hop: Hop, *, helo: str, timeout: float) -> Awaitable[Reply]: ...
+
+
+def cache_key(address: str) -> str:
+    """Local part as sent (RFC 5321 2.4: it may be case-sensitive), domain in lower case."""
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+# -- static lists ------------------------------------------------------------------------------
+
+
+@dataclass
+class _FileState:
+    signature: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) last read
+    entries: frozenset[str] = frozenset()
+    failing: bool = False  # said so in the log already
+
+
+class RecipientLists:
+    """`recipients` and `recipients_file` of every domain, files re-read when they change.
+
+    A file is checked (one stat) at each lookup and read again when its inode, size or mtime
+    differ, which catches both an edit in place and the usual write-then-rename. A file that
+    cannot be read keeps its last good contents: a botched export must not turn the relay into
+    one that refuses everybody, or one that accepts everybody.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, _FileState] = {}
+        self._static: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {}
+
+    def reload(self) -> None:
+        """SIGHUP: read every file again at its next use, changed or not."""
+        for state in self._files.values():
+            state.signature = None
+
+    def lookup(self, settings: DomainConfig, address: str) -> bool | None:
+        """True when listed, False when lists exist but do not name it, None when no list."""
+        if not settings.recipients and not settings.recipients_file:
+            return None
+        entries = self._static_entries(settings)
+        if settings.recipients_file:
+            entries = entries | self._file_entries(settings.recipients_file)
+        lowered = address.lower()
+        local = lowered.rpartition("@")[0]
+        return "*" in entries or lowered in entries or local in entries
+
+    def _static_entries(self, settings: DomainConfig) -> frozenset[str]:
+        cached = self._static.get(settings.name)
+        if cached is None or cached[0] is not settings.recipients:
+            cached = (settings.recipients, _entries(settings.recipients))
+            self._static[settings.name] = cached
+        return cached[1]
+
+    def _file_entries(self, path: str) -> frozenset[str]:
+        state = self._files.setdefault(path, _FileState())
+        try:
+            info = os.stat(path)
+            signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if signature != state.signature:
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    state.entries = _entries(handle.read().splitlines())
+                state.signature = signature
+                state.failing = False
+                log.info("recipients_file %s: %d entries", path, len(state.entries))
+        except OSError as exc:
+            if not state.failing:
+                log.error("recipients_file %s: %s (keeping the last list)", path, exc)
+            state.failing = True
+            state.signature = None
+        return state.entries
+
+
+def _entries(lines: Sequence[str]) -> frozenset[str]:
+    found = set()
+    for line in lines:
+        entry = line.split("#", 1)[0].strip().lower()
+        if entry:
+            found.add(entry)
+    return frozenset(found)
+
+
+# -- remembered answers ------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    accepted: bool
+    at: float  # when the primary said so (clock time)
+    written: float  # when it was last handed to the store
+
+
+class VerdictCache:
+    """What the primary said about each address, in memory and written through to the queue db.
+
+    Writes are batched and never block an SMTP reply: a failed write is logged and the answer is
+    still used from memory. The time-to-live is applied at lookup with the domain's current
+    settings, so a changed TTL applies to what is already remembered.
+    """
+
+    def __init__(self, store: AsyncStore | None, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.clock = clock
+        self.entries: dict[str, Verdict] = {}
+        self._dirty: dict[str, Verdict] = {}
+        self._flush: asyncio.Task[None] | None = None
+        self._puts = 0
+        self.max_age = 7 * 86400.0
+
+    async def load(self, max_age: float) -> None:
+        """Reads what an earlier run remembered, forgetting what is older than any TTL."""
+        self.max_age = max_age
+        if self.store is None:
+            return
+        cutoff = self.clock() - max_age
+
+        def read(store: Store) -> list[tuple[str, bool, float]]:
+            store.forget_verdicts(before=cutoff)
+            return store.verdicts()
+
+        try:
+            rows = await self.store.run(read)
+        except StorageError as exc:
+            log.error("cannot read remembered recipients: %s", exc)
+            return
+        for address, accepted, at in rows:
+            self.entries[address] = Verdict(accepted, at, written=at)
+        log.info("%d remembered recipient answers loaded", len(rows))
+
+    def get(self, address: str, settings: DomainConfig) -> bool | None:
+        verdict = self.entries.get(cache_key(address))
+        if verdict is None:
+            return None
+        ttl = settings.verify_positive_ttl if verdict.accepted else settings.verify_negative_ttl
+        return verdict.accepted if self.clock() - verdict.at < ttl else None
+
+    def put(self, address: str, accepted: bool) -> None:
+        key = cache_key(address)
+        now = self.clock()
+        old = self.entries.get(key)
+        verdict = Verdict(accepted, now, written=now)
+        if old is not None and old.accepted == accepted and now - old.written < LEARN_REFRESH:
+            # The same answer, written recently: every delivery to a mailbox need not cost a
+            # write. Memory has the new time; the database is at most LEARN_REFRESH behind.
+            verdict.written = old.written
+            self.entries[key] = verdict
+            return
+        self.entries[key] = verdict
+        self._dirty[key] = verdict
+        self._puts += 1
+        if self._puts % _PRUNE_EVERY == 0:
+            self._prune(now)
+        if self.store is not None and (self._flush is None or self._flush.done()):
+            self._flush = asyncio.create_task(self._write())
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, v in self.entries.items() if now - v.at > self.max_age]:
+            del self.entries[key]
+
+    async def _write(self) -> None:
+        while self._dirty and self.store is not None:
+            batch = [(k, v.accepted, v.at) for k, v in self._dirty.items()]
+            self._dirty.clear()
+            try:
+                await self.store.run(functools.partial(Store.save_verdicts, verdicts=batch))
+            except StorageError as exc:
+                log.error("cannot remember %d recipient answers: %s", len(batch), exc)
+
+    async def close(self) -> None:
+        """Waits for pending writes (before the store closes)."""
+        if self._flush is not None:
+            await asyncio.gather(self._flush, return_exceptions=True)
+        if self._dirty and self.store is not None:
+            await self._write()
+
+
+# -- is the primary up? ------------------------------------------------------------------------
+
+
+@dataclass
+class PrimaryWatch:
+    """Whether each domain's primary answers: the scheduler's view, kept fresh by our probes.
+
+    The scheduler knows a primary is down (its probe then runs until it is back) and that it was
+    up at its last successful delivery; with no mail to deliver it learns nothing. So for the
+    domains that need to know (`accept = "when_primary_down"`, `verify = "callout"`), `run` probes
+    the primary (connect, EHLO, QUIT) whenever the newest observation is older than
+    `UP_REFRESH` probe intervals (one while down). Callouts count as observations too.
+    """
+
+    get_config: Callable[[], Config]
+    destinations: Callable[[str], DestinationView | None]
+    clock: Callable[[], float] = time.time
+    prober: Prober = probe
+    router: Router | None = None
+    seen: dict[str, tuple[bool, float]] = field(default_factory=dict)
+    _probes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    def observe(self, domain: str, up: bool) -> None:
+        self.seen[domain] = (up, self.clock())
+
+    def _newest(self, domain: str) -> tuple[bool, float] | None:
+        dest = self.destinations(domain)
+        if dest is not None and dest.up is False:
+            return (False, self.clock())  # the scheduler's probe runs until it is back
+        candidates = [self.seen[domain]] if domain in self.seen else []
+        if dest is not None and dest.up and dest.last_success is not None:
+            candidates.append((True, dest.last_success))
+        return max(candidates, key=lambda c: c[1]) if candidates else None
+
+    def state(self, domain: str) -> bool | None:
+        """True up, False down, None never seen; never waits."""
+        newest = self._newest(domain)
+        return None if newest is None else newest[0]
+
+    def fresh(self, domain: str) -> bool:
+        newest = self._newest(domain)
+        if newest is None:
+            return False
+        interval = self.get_config().delivery.probe_interval
+        return self.clock() - newest[1] < (interval * UP_REFRESH if newest[0] else interval)
+
+    async def current(self, domain: str) -> bool | None:
+        """The state, probing first when there is none yet."""
+        if self.state(domain) is None:
+            await self.refresh(domain)
+        return self.state(domain)
+
+    async def refresh(self, domain: str) -> None:
+        task = self._probes.get(domain)
+        if task is None or task.done():
+            task = asyncio.create_task(self._probe(domain))
+            self._probes[domain] = task
+        await asyncio.shield(task)
+
+    async def _probe(self, domain: str) -> None:
+        config = self.get_config()
+        settings = config.domain(domain)
+        if settings is None or self.router is None:
+            return
+        try:
+            hops = await self.router.hops(domain, settings.primary)
+        except RouteError as exc:
+            log.info("%s: primary not routable: %s", domain, exc)
+            self.observe(domain, False)
+            return
+        for hop in hops:
+            try:
+                await self.prober(hop, helo=config.hostname, timeout=PROBE_TIMEOUT)
+            except SessionError as exc:
+                log.debug("%s: probe of %s failed: %s", domain, hop.host, exc.reply)
+                continue
+            self._changed(domain, True)
+            return
+        self._changed(domain, False)
+
+    def _changed(self, domain: str, up: bool) -> None:
+        if self.state(domain) is not up:
+            log.info("%s: primary is %s (our probe)", domain, "up" if up else "down")
+        self.observe(domain, up)
+
+    async def run(self) -> None:
+        """Keeps every watched domain's state fresh until cancelled."""
+        while True:
+            config = self.get_config()
+            for settings in config.domains:
+                watched = settings.accept == "when_primary_down" or settings.verify == "callout"
+                if watched and not self.fresh(settings.name):
+                    task = self._probes.get(settings.name)
+                    if task is None or task.done():
+                        self._probes[settings.name] = asyncio.create_task(
+                            self._probe(settings.name)
+                        )
+            await asyncio.sleep(config.delivery.probe_interval)
+
+    async def stop(self) -> None:
+        tasks = [t for t in self._probes.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# -- the policy --------------------------------------------------------------------------------
+
+
+class RecipientPolicy:
+    """The RCPT-time decisions of recipient validation and `accept`, for intake's handler."""
+
+    def __init__(
+        self,
+        get_config: Callable[[], Config],
+        *,
+        store: AsyncStore | None,
+        destinations: Callable[[str], DestinationView | None],
+        clock: Callable[[], float] = time.time,
+        verifier: Verifier = verify_recipient,
+        prober: Prober = probe,
+        callout_timeout: float = CALLOUT_TIMEOUT,
+    ) -> None:
+        self.get_config = get_config
+        self.clock = clock
+        self.verifier = verifier
+        self.callout_timeout = callout_timeout
+        self.lists = RecipientLists()
+        self.cache = VerdictCache(store, clock)
+        self.watch = PrimaryWatch(get_config, destinations, clock=clock, prober=prober)
+        self._callouts: dict[str, asyncio.Task[bool | None]] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Loads the remembered answers (before the listeners open)."""
+        domains = self.get_config().domains
+        ages = [max(d.verify_positive_ttl, d.verify_negative_ttl) for d in domains]
+        await self.cache.load(max(ages, default=0.0))
+
+    def attach(self, router: Router) -> None:
+        """Routes to the primaries are known (the listeners are open): start watching them."""
+        self.watch.router = router
+        if self._watch_task is None:
+            self._watch_task = asyncio.create_task(self.watch.run())
+
+    async def stop(self) -> None:
+        tasks = [t for t in self._callouts.values() if not t.done()]
+        if self._watch_task is not None:
+            tasks.append(self._watch_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.watch.stop()
+        await self.cache.close()
+
+    def reload(self) -> None:
+        """SIGHUP: recipients files are read again (the config itself comes from get_config)."""
+        self.lists.reload()
+
+    def learn(self, address: str) -> None:
+        """The primary accepted `address` on delivery: remember it as a real mailbox."""
+        settings = self.get_config().domain(address.rpartition("@")[2])
+        if settings is not None and settings.verify == "callout":
+            self.cache.put(address, True)
+
+    async def rcpt(self, session: Session, settings: DomainConfig, address: str) -> Refusal | None:
+        """None to accept `address` (of the configured domain `settings`), else the refusal."""
+        if settings.accept == "when_primary_down" and await self.watch.current(settings.name):
+            return Refusal(Replies.PRIMARY_UP.format(address=address), "primary_up")
+        known = await self._known(settings, address)
+        if known:
+            return None
+        if known is None:
+            if settings.verify_unknown_while_down == "accept":
+                return None
+            return Refusal(Replies.UNVERIFIED.format(address=address), "unverified")
+        session.unknown_recipients += 1
+        config = self.get_config()
+        if session.unknown_recipients > config.smtp.max_unknown_recipients:
+            reply = Replies.TOO_MANY_UNKNOWN.format(host=config.hostname)
+            return Refusal(reply, "too_many_unknown_recipients")
+        return Refusal(Replies.UNKNOWN.format(address=address), "unknown_recipient")
+
+    async def _known(self, settings: DomainConfig, address: str) -> bool | None:
+        """True exists, False does not, None no verdict (primary unreachable, never seen)."""
+        listed = self.lists.lookup(settings, address)
+        if listed:
+            return True
+        if settings.verify != "callout":
+            return listed is None  # no list and no callout: every address of the domain
+        cached = self.cache.get(address, settings)
+        if cached is not None:
+            return cached
+        if self.watch.state(settings.name) is False:
+            return None
+        key = cache_key(address)
+        task = self._callouts.get(key)
+        if task is None or task.done():
+            task = asyncio.create_task(self._callout(settings, address))
+            self._callouts[key] = task
+            task.add_done_callback(functools.partial(self._callout_done, key))
+        # Shielded: a client that hangs up must not cancel the answer others wait for.
+        return await asyncio.shield(task)
+
+    def _callout_done(self, key: str, task: asyncio.Task[bool | None]) -> None:
+        if self._callouts.get(key) is task:
+            del self._callouts[key]
+
+    async def _callout(self, settings: DomainConfig, address: str) -> bool | None:
+        reply = await self._ask_primary(settings, address)
+        if reply is None or not (200 <= reply.code < 300 or reply.permanent):
+            return None  # 4xx (greylisting, a busy primary): no verdict either way
+        accepted = 200 <= reply.code < 300
+        self.cache.put(address, accepted)
+        log.info("callout <%s>: %s", address, reply)
+        return accepted
+
+    async def _ask_primary(self, settings: DomainConfig, address: str) -> Reply | None:
+        router = self.watch.router
+        if router is None:
+            return None
+        config = self.get_config()
+        try:
+            hops = await router.hops(settings.name, settings.primary)
+        except RouteError as exc:
+            log.info("callout <%s>: no route: %s", address, exc)
+            self.watch.observe(settings.name, False)
+            return None
+        timeout = min(self.callout_timeout, config.delivery.timeout)
+        for hop in hops:
+            try:
+                reply = await self.verifier(
+                    hop, helo=config.hostname, address=address, timeout=timeout
+                )
+            except SessionError as exc:
+                log.info("callout <%s> to %s: %s", address, hop.host, exc.reply)
+                continue
+            self.watch.observe(settings.name, True)
+            return reply
+        self.watch.observe(settings.name, False)
+        return None
