@@ -20,12 +20,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from relay import metrics
 from relay.config import Config
+from relay.limits import Limits, Refusal
+from relay.policy import RecipientPolicy
 from relay.store import AsyncStore, NewMessage, NewRecipient, StorageError, new_queue_id
 
 log = logging.getLogger("relay.intake")
@@ -72,6 +74,8 @@ class Reply:
     ETRN_STARTED = "250 2.0.0 Queuing for node {domain} started"
     ETRN_DENIED = "459 4.7.1 <{domain}>: ETRN not allowed from [{client}]"
     ETRN_UNKNOWN = "459 4.7.1 <{domain}>: not a domain we relay for"
+    LINE_TOO_LONG = "500 5.5.2 Error: command line too long"
+    TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 
 
 class RelaySession(Session):
@@ -82,6 +86,15 @@ class RelaySession(Session):
         self.messages = 0
         self.unknown_recipients = 0
         self.closed = False
+        self.slot: str | None = None  # relay.limits: the client whose connection slot we hold
+
+    def carry_over(self, previous: RelaySession) -> None:
+        """After STARTTLS aiosmtpd starts a new session (RFC 3207 4.2 forgets what the client
+        said), but it is the same connection: its counters and its slot stay."""
+        self.messages = previous.messages
+        self.unknown_recipients = previous.unknown_recipients
+        self.slot, previous.slot = previous.slot, None
+        previous.closed = True
 
     @property
     def client_ip(self) -> str:
@@ -121,6 +134,9 @@ class RelaySMTP(SMTP):
         # octets: both must be ours, per instance, or a DSN RCPT with a long ORCPT (RFC 3461
         # allows 500 more octets) gets "500 Command line too long" whatever the config says.
         self.line_length_limit = limit
+        self._refusal: str | None = None  # a connection turned away at connect gets only this
+        self._reading_data = False
+        self._buffered = 0  # DATA bytes held against smtp.max_inflight_bytes
         super().__init__(handler, **kwargs)
         self.relay_handler = handler
         self.command_size_limit = limit
@@ -156,10 +172,37 @@ class RelaySMTP(SMTP):
         return int(self.command_size_limit)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
+        previous = self.session if isinstance(self.session, RelaySession) else None
         super().connection_made(transport)
-        if first:
-            self.relay_handler.connection_opened(self.relay_session())
+        if previous is None:
+            self._refusal = self.relay_handler.connection_opened(self.relay_session())
+        else:
+            self.relay_handler.connection_secured(previous, self.relay_session())
+
+    async def _handle_client(self) -> None:
+        if self._refusal is not None:
+            await self.push(self._refusal)  # instead of the banner (RFC 5321 3.1)
+            self._close()
+            return
+        await super()._handle_client()
+
+    async def push(self, status: AnyStr) -> None:
+        # aiosmtpd's own reply to an overlong command line has no enhanced status code.
+        if status == "500 Command line too long":
+            metrics.messages_rejected.labels("line_too_long").inc()
+            await super().push(Reply.LINE_TOO_LONG)
+            return
+        await super().push(status)
+
+    def _timeout_cb(self) -> None:
+        """RFC 5321 4.5.3.2: say why before closing, and count it."""
+        reason = "data_timeout" if self._reading_data else "command_timeout"
+        metrics.messages_rejected.labels(reason).inc()
+        log.info("%s from [%s]", reason.replace("_", " "), self.relay_session().client_ip)
+        if self.transport is not None and not self.transport.is_closing():
+            line = Reply.TIMEOUT.format(host=self.hostname) + "\r\n"
+            self.transport.write(line.encode())  # type: ignore[attr-defined]
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -253,6 +296,8 @@ class RelaySMTP(SMTP):
         if reply.startswith("2"):
             envelope.mail_from = sender
         await self.push(reply)
+        if reply.startswith("421"):
+            self._close()
 
     def _take_mail_params(
         self, params: dict[str, str | None], envelope: RelayEnvelope
@@ -346,17 +391,27 @@ class RelaySMTP(SMTP):
             await self.push(Reply.DATA_SYNTAX)
             return
         await self.push(Reply.DATA_GO)
-        content = await self._read_data()
-        envelope = self.relay_envelope()
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        if content is None:
-            metrics.messages_rejected.labels("too_big").inc()
-            await self.push(Reply.TOO_BIG)
-            return
-        await self.push(await self.relay_handler.data(self.relay_session(), envelope, content))
+        self._reading_data = True
+        try:
+            content = await self._read_data()
+            self._reading_data = False
+            envelope = self.relay_envelope()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            if isinstance(content, str):
+                await self.push(content)
+                return
+            reply = await self.relay_handler.data(self.relay_session(), envelope, content)
+        finally:
+            self._reading_data = False
+            self.relay_handler.data_done(self._buffered)
+            self._buffered = 0
+        await self.push(reply)
 
-    async def _read_data(self) -> bytes | None:
-        """Reads up to the lone dot; None when the message exceeded the size limit.
+    async def _read_data(self) -> bytes | str:
+        """Reads up to the lone dot; the refusal reply when the message cannot be taken.
+
+        Too big (552), or over the relay's in-flight budget (451): either way the rest is read
+        and thrown away, so that the reply comes after the final dot (RFC 5321 4.2.5).
 
         The bytes are kept exactly as sent, apart from undoing dot-stuffing (RFC 5321 4.5.2).
         A line ends only at CRLF: a bare LF or CR is content, as in aiosmtpd's own reader.
@@ -368,12 +423,16 @@ class RelaySMTP(SMTP):
         received = 0
         discarded = 0
         searched_to = 0
+        over_budget = False
         while True:
             self._reset_timeout(timeout)
             chunk = await self._reader.read(_DATA_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             received += len(chunk)
+            if not over_budget and not discarded:
+                over_budget = not self.relay_handler.take_data(len(chunk))
+                self._buffered += 0 if over_budget else len(chunk)
             buffer += chunk
             end = buffer.find(_TERMINATOR, searched_to)
             if end >= 0:
@@ -384,7 +443,7 @@ class RelaySMTP(SMTP):
             # Up to two octets of the final ".\r\n" may already be here, so the message is
             # over the limit for sure only past limit + 3; trimming any earlier would throw
             # away a message that fits and store its tail.
-            if limit and received > limit + 3:
+            if over_budget or (limit and received > limit + 3):
                 # Keep reading to the terminator so the reply lands after DATA (RFC 5321
                 # 4.2.5), but keep only a tail long enough to spot it.
                 cut = max(0, len(buffer) - len(_TERMINATOR))
@@ -392,8 +451,11 @@ class RelaySMTP(SMTP):
                 discarded += cut
                 searched_to = 0
         self._reset_timeout()
+        if over_budget:
+            return self.relay_handler.over_budget(self.relay_session())
         if limit and (discarded or end > limit):
-            return None
+            metrics.messages_rejected.labels("too_big").inc()
+            return Reply.TOO_BIG
         return bytes(buffer).replace(b"\r\n.", b"\r\n")[2:]
 
     def _unread(self, data: bytes) -> None:
@@ -475,6 +537,8 @@ class IntakeHandler:
     clock: Callable[[], float] = time.time
     on_accepted: Callable[[NewMessage], None] | None = None
     flush_domain: Callable[[str], Awaitable[int]] | None = None
+    limits: Limits | None = None  # connection, rate, memory and disk limits (relay.limits)
+    policy: RecipientPolicy | None = None  # recipient validation and `accept` (relay.policy)
     sessions: set[RelaySession] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -488,14 +552,26 @@ class IntakeHandler:
     def config(self) -> Config:
         return self.get_config()
 
-    def connection_opened(self, session: RelaySession) -> None:
+    def connection_opened(self, session: RelaySession) -> str | None:
+        """Counts the connection; a reply to send instead of the banner when it is refused."""
         self.sessions.add(session)
         self.idle.clear()
         metrics.smtp_connections.inc()
         metrics.smtp_connections_total.inc()
         log.info("connect from [%s]", session.client_ip)
+        if self.limits is not None and (refusal := self.limits.connect(session)) is not None:
+            return self._refused(session, "connection", refusal)
+        return None
+
+    def connection_secured(self, previous: RelaySession, session: RelaySession) -> None:
+        """STARTTLS replaced the session object of a connection that is still the same."""
+        session.carry_over(previous)
+        self.sessions.discard(previous)
+        self.sessions.add(session)
 
     def connection_closed(self, session: RelaySession) -> None:
+        if self.limits is not None:
+            self.limits.disconnect(session)
         self.sessions.discard(session)
         if not self.sessions:
             self.idle.set()
@@ -522,8 +598,28 @@ class IntakeHandler:
         log.info("ETRN %s from [%s]: %d recipients due now", domain, session.client_ip, count)
         return Reply.ETRN_STARTED.format(domain=domain)
 
+    def _refused(self, session: RelaySession, what: str, refusal: Refusal) -> str:
+        metrics.messages_rejected.labels(refusal.reason).inc()
+        log.info("reject %s from [%s]: %s", what, session.client_ip, refusal.reason)
+        return refusal.reply
+
     async def mail(self, session: RelaySession, envelope: RelayEnvelope, sender: str) -> str:
+        if self.limits is not None and (refusal := self.limits.mail(session)) is not None:
+            return self._refused(session, "MAIL", refusal)
         return Reply.MAIL_OK
+
+    def take_data(self, size: int) -> bool:
+        """Whether `size` more bytes of DATA may be held in memory (smtp.max_inflight_bytes)."""
+        return self.limits is None or self.limits.take(size)
+
+    def over_budget(self, session: RelaySession) -> str:
+        assert self.limits is not None
+        return self._refused(session, "DATA", self.limits.inflight_refusal())
+
+    def data_done(self, size: int) -> None:
+        """A message was stored or refused: its `size` bytes no longer count in the budget."""
+        if self.limits is not None:
+            self.limits.release(size)
 
     async def rcpt(
         self, session: RelaySession, envelope: RelayEnvelope, recipient: NewRecipient
@@ -532,7 +628,8 @@ class IntakeHandler:
         if (problem := recipient_problem(recipient.address)) is not None:
             metrics.messages_rejected.labels("bad_recipient").inc()
             return problem
-        if config.domain(recipient.domain) is None:
+        settings = config.domain(recipient.domain)
+        if settings is None:
             metrics.messages_rejected.labels("relay_denied").inc()
             log.info(
                 "reject RCPT from [%s]: relay denied to=<%s>",
@@ -543,6 +640,10 @@ class IntakeHandler:
         if len(envelope.recipients) >= config.smtp.max_recipients:
             metrics.messages_rejected.labels("too_many_recipients").inc()
             return Reply.TOO_MANY_RECIPIENTS
+        if self.policy is not None:
+            refusal = await self.policy.rcpt(session, settings, recipient.address)
+            if refusal is not None:
+                return self._refused(session, f"RCPT to=<{recipient.address}>", refusal)
         return Reply.RCPT_OK
 
     async def data(self, session: RelaySession, envelope: RelayEnvelope, content: bytes) -> str:
