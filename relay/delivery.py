@@ -107,6 +107,9 @@ class Scheduler:
     prober: Prober = probe
     batch: int = 1000
     poll_interval: float = 1.0
+    # Told every recipient the primary accepted, so that recipient validation (relay.policy)
+    # knows the real mailboxes before the next outage starts.
+    learn: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         self.destinations: dict[str, Destination] = {}
@@ -323,6 +326,10 @@ class Scheduler:
         host = hop.host if hop else ""
         outcomes = [self._outcome(r, replies[r.address], now, host) for r in recipients]
         self._observe(dest, [replies[r.address] for r in recipients], now)
+        if self.learn is not None:
+            for outcome in outcomes:
+                if outcome.state == DELIVERED:
+                    self.learn(outcome.address)
         await self._finish(message, outcomes, now, body=body)
 
     def _outcome(self, recipient: RecipientRow, reply: Reply, now: float, host: str) -> Outcome:
