@@ -28,7 +28,9 @@ from relay import metrics
 from relay.config import Config
 from relay.delivery import Scheduler
 from relay.intake import IntakeHandler, RelaySMTP
+from relay.limits import Limits
 from relay.mx import Router
+from relay.policy import DestinationView, RecipientPolicy
 from relay.store import AsyncStore, NewMessage, Store
 
 log = logging.getLogger("relay")
@@ -131,11 +133,17 @@ class Relay:
         self.config = cfg
         self.clock = clock
         self.store = AsyncStore(cfg.queue.path, clock)
+        self.limits = Limits(lambda: self.config)
+        self.policy = RecipientPolicy(
+            lambda: self.config, store=self.store, destinations=self._destination, clock=clock
+        )
         self.handler = IntakeHandler(
             get_config=lambda: self.config,
             store=self.store,
             clock=clock,
             on_accepted=self._accepted,
+            limits=self.limits,
+            policy=self.policy,
         )
         self.metrics_server = MetricsServer(cfg.queue.path, healthy=self._serving)
         self._collector = metrics.QueueCollector(
@@ -150,6 +158,9 @@ class Relay:
 
     def _serving(self) -> bool:
         return bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
+
+    def _destination(self, domain: str) -> DestinationView | None:
+        return self.scheduler.destinations.get(domain) if self.scheduler is not None else None
 
     def _accepted(self, message: NewMessage) -> None:
         if self.scheduler is not None:
@@ -171,6 +182,7 @@ class Relay:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         metrics.REGISTRY.register(self._collector)
+        await self.policy.start()
         for host, port in self.config.smtp.listen:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             server = await loop.create_server(
@@ -202,9 +214,14 @@ class Relay:
             mx_port=cfg.delivery.mx_port,
         )
         self.scheduler = Scheduler(
-            store=self.store, get_config=lambda: self.config, router=router, clock=self.clock
+            store=self.store,
+            get_config=lambda: self.config,
+            router=router,
+            clock=self.clock,
+            learn=self.policy.learn,
         )
         self.handler.flush_domain = self.scheduler.flush_domain
+        self.policy.attach(router)
         self._delivery_task = asyncio.create_task(self.scheduler.run())
 
     @property
@@ -227,6 +244,7 @@ class Relay:
         if new.smtp.listen != self.config.smtp.listen or new.queue.path != self.config.queue.path:
             log.warning("reload: smtp.listen and queue.path changes need a restart")
         self.config = new
+        self.policy.reload()
         try:
             self._tls = tls_context(new)
         except (OSError, ssl.SSLError) as exc:
@@ -246,6 +264,7 @@ class Relay:
             await self.scheduler.stop()
         if self._delivery_task is not None:
             await asyncio.gather(self._delivery_task, return_exceptions=True)
+        await self.policy.stop()
         with contextlib.suppress(KeyError):
             metrics.REGISTRY.unregister(self._collector)
         await asyncio.to_thread(self.store.close)
