@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 CONFIG_HELP = "Configuration file (TOML). Default: $RELAY_CONFIG, else /etc/relay/relay.toml."
 DEFAULT_CONFIG = "/etc/relay/relay.toml"
+ALLOW_ROOT_ENV = "RELAY_ALLOW_ROOT"
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -62,11 +63,21 @@ def main() -> None:
     default=None,
     help="Log line format (overrides log.format).",
 )
-def serve(config_path: str | None, log_format: str | None) -> None:
+@click.option(
+    "--allow-root",
+    is_flag=True,
+    help=f"Run even as root (or {ALLOW_ROOT_ENV}=1 in the environment): for CI only.",
+)
+def serve(config_path: str | None, log_format: str | None, allow_root: bool) -> None:
     """Run the relay: accept mail for the configured domains and redeliver it."""
     from relay import service
 
     cfg, chosen = _load_config(config_path)
+    if root_refused(os.geteuid(), allow_root, os.environ.get(ALLOW_ROOT_ENV, "")):
+        _fail(
+            "cannot start: refusing to run as root; run as an unprivileged user (the systemd"
+            f" unit has User=relay), or pass --allow-root (or set {ALLOW_ROOT_ENV}=1)"
+        )
     service.setup_logging(log_format or cfg.log.format)
     try:
         asyncio.run(service.serve(cfg, chosen))
@@ -74,6 +85,14 @@ def serve(config_path: str | None, log_format: str | None) -> None:
         _fail(f"cannot start: {exc}")
     except OSError as exc:
         _fail(f"cannot start: {exc.strerror or exc}")
+
+
+def root_refused(euid: int, allow_root: bool, env_value: str) -> bool:
+    """A mail server parses hostile input all day: as root, one bug would own the machine.
+
+    Port 25 needs no root: systemd grants CAP_NET_BIND_SERVICE (deploy/systemd/relay.service).
+    """
+    return euid == 0 and not allow_root and env_value.strip() in ("", "0")
 
 
 @main.command("check-config")
@@ -363,3 +382,19 @@ def status(config_path: str | None, as_json: bool) -> None:
         )
         if row["last_error"]:
             click.echo(f"{'':<28} last error: {row['last_error']}")
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def doctor(config_path: str | None, as_json: bool) -> None:
+    """Check the deployment: MX records, our address, the primary, TLS and MTA-STS.
+
+    Prints each finding (ok, warning or problem) with its fix; exits 1 if any is a problem.
+    """
+    from relay import doctor as checks
+
+    cfg, _ = _load_config(config_path)
+    findings = asyncio.run(checks.diagnose(cfg))
+    click.echo(checks.report_json(findings) if as_json else checks.report_text(findings))
+    sys.exit(checks.exit_code(findings))
