@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/relay serve --config $(CONFIG)
+	$(BIN)/relay serve --allow-root --config $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
