@@ -382,3 +382,19 @@ def status(config_path: str | None, as_json: bool) -> None:
         )
         if row["last_error"]:
             click.echo(f"{'':<28} last error: {row['last_error']}")
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def doctor(config_path: str | None, as_json: bool) -> None:
+    """Check the deployment: MX records, our address, the primary, TLS and MTA-STS.
+
+    Prints each finding (ok, warning or problem) with its fix; exits 1 if any is a problem.
+    """
+    from relay import doctor as checks
+
+    cfg, _ = _load_config(config_path)
+    findings = asyncio.run(checks.diagnose(cfg))
+    click.echo(checks.report_json(findings) if as_json else checks.report_text(findings))
+    sys.exit(checks.exit_code(findings))
