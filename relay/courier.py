@@ -325,6 +325,11 @@ class Session:
             raise SessionError(Reply(421, f"4.4.2 connection to {self._where} lost after DATA"))
         # Written here, not with aiosmtplib's data(), which would turn bare CR/LF into CRLF.
         payload = _data_payload(body)
+        # aiosmtplib (5.x) throws away reply bytes that arrive while no reply is marked pending.
+        # A fast server answers the final dot while we still wait in the drain below, before
+        # read_response() marks one: mark it first, as aiosmtplib's own data() does, or that 250
+        # is lost and the session hangs until the timeout, then the message goes out twice.
+        protocol._response_pending = True
         with _translated("sending the message body", self._where):
             for offset in range(0, len(payload), _CHUNK):
                 protocol.write(payload[offset : offset + _CHUNK])
