@@ -20,13 +20,13 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests bench
-	$(BIN)/ruff format --check relay tests bench
+	$(BIN)/ruff check relay tests bench docs
+	$(BIN)/ruff format --check relay tests bench docs
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format relay tests bench
-	$(BIN)/ruff check --fix relay tests bench
+	$(BIN)/ruff format relay tests bench docs
+	$(BIN)/ruff check --fix relay tests bench docs
 
 check: lint test
 
