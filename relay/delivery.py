@@ -84,6 +84,7 @@ class Destination:
     up: bool | None = None  # None: not tried since start
     down_since: float | None = None
     since: float | None = None
+    flushed_at: float = float("-inf")  # last recovery or ETRN: mail deferred before it is due
     last_error: str | None = None
     last_success: float | None = None
     limit: int = 1
@@ -210,6 +211,9 @@ class Scheduler:
         for message, recipients in items:
             self.inflight[message.id] += 1
             dest.queue.put_nowait((message, recipients))
+        self._start_sessions(dest)
+
+    def _start_sessions(self, dest: Destination) -> None:
         while dest.sessions < min(dest.limit, dest.queue.qsize()):
             dest.sessions += 1
             task = asyncio.create_task(self._session_worker(dest))
@@ -260,6 +264,11 @@ class Scheduler:
                 await self._drain(dest)
         finally:
             dest.sessions -= 1
+            # Mail dispatched while this worker was closing its session found it still counted
+            # and started no other. Left in the queue it would never be sent: it is in flight,
+            # so never due again, until a restart.
+            if not self._stopping:
+                self._start_sessions(dest)
 
     async def _drain(self, dest: Destination) -> None:
         session: Session | None = None
@@ -338,9 +347,7 @@ class Scheduler:
             return Outcome(recipient.address, DELIVERED, text, host)
         if reply.permanent:
             return Outcome(recipient.address, FAILED, text, host)
-        retry = self.config.retry
-        delay = backoff(recipient.attempts + 1, retry.min, retry.max, self.rng)
-        return Outcome(recipient.address, QUEUED, text, host, now + delay)
+        return Outcome(recipient.address, QUEUED, text, host, self._retry_at(recipient, now))
 
     def _observe(self, dest: Destination, replies: Sequence[Reply], now: float) -> None:
         """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
@@ -466,6 +473,7 @@ class Scheduler:
                 dest.last_error = str(exc.reply) if isinstance(exc, SessionError) else str(exc)
                 continue
             now = self.clock()
+            dest.flushed_at = now
             self._mark_up(dest, now)
             count = await self.store.run(
                 functools.partial(Store.reschedule, domain=domain, when=now)
@@ -486,6 +494,7 @@ class Scheduler:
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
         now = self.clock()
+        self.destination(domain).flushed_at = now
         count = await self.store.run(lambda s: s.reschedule(domain, now))
         dest = self.destinations.get(domain)
         if dest is not None and dest.up is False:
@@ -517,19 +526,12 @@ class Scheduler:
         One write for the lot also keeps the order of events in the store: a recovery that
         reschedules the destination afterwards cannot be overtaken by a late deferral.
         """
-        retry = self.config.retry
         await self._finish_many(
             [
                 (
                     message,
                     [
-                        Outcome(
-                            r.address,
-                            QUEUED,
-                            reply,
-                            host,
-                            now + backoff(r.attempts + 1, retry.min, retry.max, self.rng),
-                        )
+                        Outcome(r.address, QUEUED, reply, host, self._retry_at(r, now))
                         for r in recipients
                     ],
                     None,
@@ -538,6 +540,16 @@ class Scheduler:
             ],
             now,
         )
+
+    def _retry_at(self, recipient: RecipientRow, decided_at: float) -> float:
+        """When a deferred recipient is due again: after its backoff, or at once when its
+        destination was flushed (recovery, ETRN) after the deferral was decided, so that a
+        late write cannot undo the flush."""
+        dest = self.destinations.get(recipient.domain)
+        if dest is not None and dest.flushed_at > decided_at:
+            return dest.flushed_at
+        retry = self.config.retry
+        return decided_at + backoff(recipient.attempts + 1, retry.min, retry.max, self.rng)
 
     async def _finish(
         self,

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from conftest import LOCAL_DNS
-from dnsserver import DnsServer, dns_server
 
 from relay import config as config_module
 from relay import metrics
 from relay.delivery import OPERATOR_BOUNCE, Scheduler, backoff
 from relay.mx import Router
 from relay.store import FAILED, HELD, QUEUED, AsyncStore, NewMessage, NewRecipient, Store
+from tests.conftest import LOCAL_DNS
+from tests.dnsserver import DnsServer, dns_server
 from tests.fakeprimary import FakePrimary, fake_primary, unused_port
 
 __all__ = ["dns_server", "fake_primary"]

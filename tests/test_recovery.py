@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from relay.service import Relay
+from relay.store import Store
+from tests.conftest import (
     DOMAIN,
     metrics_url,
     relay_command,
@@ -26,10 +28,7 @@ from conftest import (
     smtp_address,
     write_config,
 )
-from fakeprimary import FakePrimary, fake_primary, unused_port
-
-from relay.service import Relay
-from relay.store import Store
+from tests.fakeprimary import FakePrimary, fake_primary, unused_port
 
 __all__ = ["fake_primary"]
 
@@ -203,7 +202,7 @@ async def test_etrn_from_an_allowed_client_flushes_the_domain(
         "the primary to be seen down",
     )
     primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
-    from conftest import conversation
+    from tests.conftest import conversation
 
     async with conversation(smtp_address(server)) as talk:
         ehlo = await talk.ehlo()
@@ -215,7 +214,7 @@ async def test_etrn_from_an_allowed_client_flushes_the_domain(
 
 async def test_etrn_from_other_clients_is_refused(relay_factory: StartRelay) -> None:
     server = await relay_factory(smtp={"etrn_clients": ["192.0.2.0/24"]})
-    from conftest import conversation
+    from tests.conftest import conversation
 
     async with conversation(smtp_address(server)) as talk:
         await talk.ehlo()
@@ -328,7 +327,7 @@ async def test_drain_after_recovery_causes_no_deferral_of_our_own(
 
 
 def test_json_log_lines_carry_the_queue_id(tmp_path: Path) -> None:
-    from conftest import RelayProcess
+    from tests.conftest import RelayProcess
 
     config_path = write_config(tmp_path, log={"format": "json"})
     process = RelayProcess(config_path, tmp_path / "relay.log")
