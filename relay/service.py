@@ -116,6 +116,12 @@ class MetricsServer:
             await writer.drain()
         except (TimeoutError, ConnectionError, UnicodeDecodeError):
             pass
+        except Exception:
+            # A damaged queue must not turn a scrape into a dropped connection: say 500.
+            log.exception("metrics request failed")
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
         finally:
             writer.close()
 
@@ -284,7 +290,12 @@ def _sockname(server: asyncio.Server) -> str:
 async def serve(cfg: Config, config_path: str) -> None:
     """Runs until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
     relay = Relay(cfg)
-    await relay.start()
+    try:
+        await relay.start()
+    except BaseException:
+        # E.g. the port is taken: close what did start (the queue above all) before leaving.
+        await relay.stop(grace=0)
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
