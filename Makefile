@@ -30,6 +30,11 @@ format: $(STAMP)
 
 check: lint test
 
+# Real MTAs (Postfix, Exim, OpenSMTPD, smtp-sink, swaks, dnsmasq) against the relay; installs them.
+interop: $(STAMP)
+	bash tests/interop/install.sh
+	$(BIN)/pytest -q -m interop tests/interop
+
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
