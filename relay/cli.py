@@ -304,36 +304,42 @@ def _operator_command(
             click.echo(f"{message_id}: {verb}")
 
 
-_operator_command(
-    "hold",
-    "Put messages on hold: kept, never delivered (like `postsuper -h`).",
-    lambda s, ids: s.hold(ids),
-    "held",
+_OPERATOR_COMMANDS: tuple[
+    tuple[str, str, Callable[[Store, Sequence[str]], list[str]], str], ...
+] = (
+    (
+        "hold",
+        "Put messages on hold: kept, never delivered (like `postsuper -h`).",
+        Store.hold,
+        "held",
+    ),
+    (
+        "release",
+        "Release held messages and make them due now (like `postsuper -H`).",
+        Store.release,
+        "released",
+    ),
+    (
+        "delete",
+        "Delete messages from the queue, without a bounce (like `postsuper -d`).",
+        Store.delete,
+        "deleted",
+    ),
+    (
+        "flush",
+        "Make queued mail due now: all of it, or the given ids (like `postqueue -f`/`-i`).",
+        Store.flush,
+        "flushed",
+    ),
+    (
+        "bounce",
+        "Fail the remaining recipients of messages; their senders get a DSN.",
+        Store.request_bounce,
+        "bounce requested",
+    ),
 )
-_operator_command(
-    "release",
-    "Release held messages and make them due now (like `postsuper -H`).",
-    lambda s, ids: s.release(ids),
-    "released",
-)
-_operator_command(
-    "delete",
-    "Delete messages from the queue, without a bounce (like `postsuper -d`).",
-    lambda s, ids: s.delete(ids),
-    "deleted",
-)
-_operator_command(
-    "flush",
-    "Make queued mail due now: all of it, or the given ids (like `postqueue -f`/`-i`).",
-    lambda s, ids: s.flush(ids),
-    "flushed",
-)
-_operator_command(
-    "bounce",
-    "Fail the remaining recipients of messages; their senders get a DSN.",
-    lambda s, ids: s.request_bounce(ids),
-    "bounce requested",
-)
+for _name, _help, _action, _verb in _OPERATOR_COMMANDS:
+    _operator_command(_name, _help, _action, _verb)
 
 
 def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]:

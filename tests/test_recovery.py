@@ -56,6 +56,12 @@ async def metric(url: str, name: str, **labels: str) -> float:
     return sample(await asyncio.to_thread(scrape, url), name, **labels)
 
 
+def seen_down(server: Relay) -> bool:
+    """Whether the scheduler has found the primary of DOMAIN down."""
+    dest = server.scheduler.destinations.get(DOMAIN) if server.scheduler else None
+    return dest is not None and dest.up is False
+
+
 def primary_domain(port: int, **extra: Any) -> list[dict[str, Any]]:
     return [{"name": DOMAIN, "primary": [f"{PRIMARY_ADDRESS}:{port}"], "tls": "none", **extra}]
 
@@ -79,14 +85,7 @@ async def test_recovery_delivers_within_ten_seconds_whatever_the_backoff(
     # Backoff far longer than the test: only the probe can make this mail due again.
     server = await relay_factory(domain=primary_domain(port), retry={"min": "1h", "max": "4h"})
     ids = await send(server, 3)
-    await wait_until(
-        lambda: (
-            server.scheduler
-            and server.scheduler.destinations.get(DOMAIN)
-            and server.scheduler.destinations[DOMAIN].up is False
-        ),
-        "the relay to find the primary down",
-    )
+    await wait_until(lambda: seen_down(server), "the relay to find the primary down")
     primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
     started = time.monotonic()
     await wait_until(lambda: len(primary.delivered) == 3, "redelivery after recovery", 10.0)
@@ -193,14 +192,7 @@ async def test_etrn_from_an_allowed_client_flushes_the_domain(
         smtp={"etrn_clients": ["127.0.0.0/8"]},
     )
     await send(server, 2)
-    await wait_until(
-        lambda: (
-            server.scheduler is not None
-            and server.scheduler.destinations.get(DOMAIN) is not None
-            and server.scheduler.destinations[DOMAIN].up is False
-        ),
-        "the primary to be seen down",
-    )
+    await wait_until(lambda: seen_down(server), "the relay to find the primary down")
     primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
     from tests.conftest import conversation
 
@@ -230,14 +222,7 @@ async def test_status_shows_queue_and_primary_state(
     port = unused_port(PRIMARY_ADDRESS)
     server = await relay_factory(domain=primary_domain(port))
     await send(server, 2)
-    await wait_until(
-        lambda: (
-            server.scheduler is not None
-            and server.scheduler.destinations.get(DOMAIN) is not None
-            and server.scheduler.destinations[DOMAIN].up is False
-        ),
-        "the primary to be seen down",
-    )
+    await wait_until(lambda: seen_down(server), "the relay to find the primary down")
     config_path = write_config(tmp_path, "status.toml", queue={"path": server.config.queue.path})
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
