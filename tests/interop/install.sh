@@ -119,6 +119,6 @@ for binary in "$root/usr/sbin/exim4" "$root/usr/sbin/smtpd"; do
 done
 
 printf 'interop tools ready: %s, %s, %s\n' \
-    "$(postconf -h mail_version | sed 's/^/postfix /')" \
+    "$(postconf -d -h mail_version | sed 's/^/postfix /')" \
     "$("$root/usr/sbin/exim4" -bV -C /dev/null 2>/dev/null | sed -n 's/^Exim version \([^ ]*\).*/exim \1/p')" \
     "$("$root/usr/sbin/smtpd" -h 2>&1 | sed -n 's/^version: //Ip')"
