@@ -152,7 +152,7 @@ class ScriptedPrimary:
     @staticmethod
     def _body(rfile: Any, *, stop_early: bool) -> bytes | None:
         """The message up to the lone dot, unstuffed; None when the connection is to drop."""
-        lines = []
+        lines: list[bytes] = []
         while True:
             line = rfile.readline(1 << 20)
             if not line:
