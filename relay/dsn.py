@@ -105,7 +105,9 @@ def build_dsn(
         f"Message-ID: {message_id}",
         "Auto-Submitted: auto-replied",  # RFC 3834 5: no auto-reply to this, ever
         "MIME-Version: 1.0",
-        "Content-Type: multipart/report; report-type=delivery-status;",
+        # RFC 6522 3: report-type names the subtype of the second part (RFC 6533 6).
+        "Content-Type: multipart/report;"
+        f" report-type={delivery_status_type(status).removeprefix('message/')};",
         f'\tboundary="{boundary}"',
         "Content-Transfer-Encoding: " + _encoding(b"".join(body for _, body in parts)),
     ]

@@ -328,6 +328,7 @@ def test_a_utf8_recipient_makes_a_global_delivery_status() -> None:
     status = parts(parse(data))[1]
 
     assert status.get_content_type() == "message/global-delivery-status"
+    assert parse(data).get_param("report-type") == "global-delivery-status"  # RFC 6522 3
     assert "Final-Recipient: utf-8; zoë@example.test".encode() in data
 
 
