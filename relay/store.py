@@ -627,7 +627,7 @@ class Store:
 
     def remove_if_done(self, message_id: str) -> bool:
         left = self.conn.execute(
-            "SELECT COUNT(*) FROM recipients WHERE message_id = ? AND state = ?",
+            "SELECT COUNT(*) FROM recipients WHERE message_id = ? AND +state = ?",
             (message_id, QUEUED),
         ).fetchone()[0]
         if left:
@@ -693,7 +693,7 @@ class Store:
 
     def _make_due(self, message_id: str) -> None:
         self.conn.execute(
-            "UPDATE recipients SET next_attempt_at = ? WHERE message_id = ? AND state = ?",
+            "UPDATE recipients SET next_attempt_at = ? WHERE message_id = ? AND +state = ?",
             (self.clock(), message_id, QUEUED),
         )
 
@@ -722,7 +722,7 @@ class Store:
         def mark(message_id: str) -> None:
             self.conn.execute(
                 "UPDATE recipients SET bounce_requested = 1, next_attempt_at = ?"
-                " WHERE message_id = ? AND state = ?",
+                " WHERE message_id = ? AND +state = ?",
                 (self.clock(), message_id, QUEUED),
             )
             self.set_state(message_id, QUEUED)

@@ -512,3 +512,40 @@ def test_snapshot_counts_messages_by_state_and_waiting_recipients_by_domain(
     assert snap.messages_by_state == {QUEUED: 2, HELD: 1}
     assert snap.recipients_by_domain == {"example.test": 2, "other.test": 2}
     assert snap.oldest_age_by_domain == {"example.test": 300.0, "other.test": 100.0}
+
+
+def test_per_message_updates_do_not_scan_the_whole_queue(tmp_path: Path) -> None:
+    """Recording one message's outcome must cost the same with 20,000 messages queued as with
+    one: SQLite once chose the (state, next_attempt_at) index for "this message's queued
+    recipients" and scanned every queued recipient per delivery (quadratic drains)."""
+    store = Store(str(tmp_path / "queue.db"))
+    now = 1_800_000_000.0
+
+    def fill(s: Store) -> None:
+        for n in range(20_000):
+            s.insert(
+                NewMessage(
+                    id=f"M{n:06d}",
+                    sender="a@client.test",
+                    recipients=(NewRecipient(f"u{n}@example.test"),),
+                    body=b"x",
+                    received_at=now,
+                )
+            )
+
+    store.transaction(fill)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store.conn.set_progress_handler(count, 100)  # called every 100 VM instructions
+    outcome = Outcome("u7@example.test", QUEUED, "451 4.3.0 later", "", now + 60)
+    store.transaction(lambda s: s.record("M000007", [outcome]))
+    store.flush(["M000008"])
+    store.request_bounce(["M000009"])
+    store.conn.set_progress_handler(None, 0)
+    store.close()
+    assert steps < 50, f"{steps * 100} VM steps for three one-message updates"
