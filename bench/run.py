@@ -1,0 +1,823 @@
+"""Benchmarks of the relay against Postfix on the same machine (issue 7): `make bench`.
+
+Each benchmark runs the relay and a private Postfix instance in one run, with the same
+durability (both fsync before they answer 250, as shipped), drives both with Postfix's
+smtp-source and receives with smtp-sink, and prints a Markdown table with both figures and their
+ratio. The results go to bench/results.json and docs/performance.md.
+
+    .venv/bin/python bench/run.py                 # all four
+    .venv/bin/python bench/run.py accept drain    # some of them
+    .venv/bin/python bench/run.py --quick         # smaller counts, one trial: a smoke run
+
+Every process is ended by its own id on exit, failure or Ctrl-C, and each benchmark has a time
+budget (SIGALRM). Needs root (Postfix daemons run as the postfix user) and the postfix package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from peers import (
+    BenchError,
+    Postfix,
+    Reaper,
+    Relay,
+    RelaySettings,
+    Sink,
+    cpu_busy_fraction,
+    free_port,
+    postconf_defaults,
+    pss_kib,
+    rss_kib,
+    seconds,
+    settle,
+    smtp_source,
+    wait_for,
+)
+from report import Row, Section, machine, median_spread, now_text, save, table, write_document
+
+KB = 1024
+SENDERS = 20
+PREAMBLE = """\
+How to read this: each benchmark starts the relay (`relay serve`, shipped defaults unless listed)
+and a private Postfix instance (own config, queue and data directories under a temporary
+directory, smtpd on a high loopback port, example.test relayed to the same dead or live primary
+port as the relay's) in the same run, one after the other so they never compete for the CPU
+(except in the recovery benchmark, where both wait out the same outage side by side).
+Load comes from Postfix's `smtp-source` with 20 parallel sessions, one message per session (as a
+backup MX sees it: many senders, few messages each); the primary is Postfix's `smtp-sink`.
+Durability is the same on both sides and as shipped: Postfix's cleanup fsyncs each queue file
+before the 250, the relay commits with `PRAGMA synchronous=FULL` in WAL mode (relay/store.py),
+several messages per commit. smtp-source fails the run on any reply other than 2xx/3xx, so a
+rate is never inflated by rejected mail; counts are checked in both queues and at the sink.
+The bench runs as root (Postfix's daemons need it), so the relay is started with
+RELAY_ALLOW_ROOT=1. All traffic stays on 127.0.0.1."""
+
+
+@dataclass
+class Context:
+    reaper: Reaper
+    workdir: Path
+    quick: bool
+    outage: float
+    machine: dict[str, str]
+
+    @property
+    def trials(self) -> int:
+        return 1 if self.quick else 3
+
+
+class Timeout(BenchError):
+    pass
+
+
+@contextmanager
+def budget(name: str, limit: float) -> Iterator[None]:
+    """Bounds a whole benchmark: SIGALRM raises in the main thread, cleanup then runs."""
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise Timeout(f"{name}: over its time budget of {limit:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def progress(text: str) -> None:
+    print(f"bench:   {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def commands(ctx: Context) -> list[str]:
+    """The command lines this benchmark ran, with per-run ports and paths made generic."""
+    seen: list[str] = []
+    for line in ctx.reaper.commands:
+        line = line.replace(str(ctx.workdir), "$WORK")
+        line = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:$PORT", line)
+        if line not in seen:
+            seen.append(line)
+    return seen
+
+
+def section(ctx: Context, name: str) -> Section:
+    return Section(name=name, date=now_text(), machine=ctx.machine)
+
+
+def at_least(ratio: float | None, floor: float) -> bool | None:
+    return None if ratio is None else ratio >= floor
+
+
+def mib(kib: float) -> float:
+    return kib / 1024
+
+
+# -- 1. accept --------------------------------------------------------------------------------
+
+
+def accept_trials(
+    ctx: Context, systems: dict[str, int], size: int, messages: int
+) -> dict[str, list[float]]:
+    """Alternates the systems trial by trial, so drift on the machine hits both alike."""
+    rates: dict[str, list[float]] = {name: [] for name in systems}
+    names = list(systems)
+    for trial in range(ctx.trials):
+        order = names if trial % 2 == 0 else names[::-1]
+        for name in order:
+            settle()
+            result = smtp_source(ctx.reaper, systems[name], messages=messages, size=size)
+            rates[name].append(result.rate)
+    return rates
+
+
+def harness_ceiling(ctx: Context, size: int, messages: int) -> float:
+    """smtp-source straight into smtp-sink: what this load generator can do at most."""
+    sink = Sink(ctx.reaper, free_port(), name="calibration-sink")
+    try:
+        settle()
+        return smtp_source(ctx.reaper, sink.port, messages=messages, size=size).rate
+    finally:
+        sink.stop()
+        ctx.reaper.discard(sink.name)
+
+
+def bench_accept(ctx: Context) -> Section:
+    out = section(ctx, "accept")
+    dead_primary = free_port()  # nothing listens there: the primary is down throughout
+    relay = Relay(ctx.reaper, ctx.workdir, RelaySettings(dead_primary), "relay-accept")
+    postfix = Postfix(ctx.reaper, ctx.workdir, dead_primary, "postfix-accept")
+    relay.start()
+    postfix.start()
+    warmup = 200
+    sent = warmup
+    for port in (relay.port, postfix.port):
+        smtp_source(ctx.reaper, port, messages=warmup, size=4 * KB)
+    plan = [(4, 1000 if ctx.quick else 3000, 1.5), (100, 500 if ctx.quick else 1500, 1.0)]
+    for size_kb, messages, floor in plan:
+        progress(f"{size_kb} KB: {ctx.trials} trial(s) of {messages:,} messages each side")
+        ceiling = harness_ceiling(ctx, size_kb * KB, messages)
+        rates = accept_trials(
+            ctx, {"relay": relay.port, "postfix": postfix.port}, size_kb * KB, messages
+        )
+        sent += messages * ctx.trials
+        relay_rate, relay_spread = median_spread(rates["relay"])
+        postfix_rate, postfix_spread = median_spread(rates["postfix"])
+        row = Row(
+            measure=f"accept {size_kb} KB messages, {SENDERS} senders, primary down",
+            unit="msgs/s",
+            relay=relay_rate,
+            postfix=postfix_rate,
+            target=f"≥ {floor:g}× Postfix",
+            detail=f"median; relay {relay_spread}, Postfix {postfix_spread}",
+        )
+        row.met = at_least(row.ratio, floor)
+        out.rows.append(row)
+        out.notes.append(
+            f"{size_kb} KB: smtp-source straight into smtp-sink (the load generator's own"
+            f" ceiling on this machine): {ceiling:,.0f} msgs/s."
+        )
+    wait_for("every accepted message in the relay's queue", lambda: relay.queued() == sent, 60)
+    wait_for("every accepted message in Postfix's queue", lambda: postfix.count() == sent, 60)
+    out.notes.append(
+        f"Counted after the run: {sent:,} messages in each queue, as many as smtp-source sent"
+        f" ({warmup} of them a warm-up before the measured trials)."
+    )
+    out.notes.append(
+        f"{ctx.trials} trial(s) per size and system, alternating which system goes first; the"
+        " machine is left to go quiet between trials. Each trial is one smtp-source run of"
+        " -m messages over -s 20 sessions, timed from start to exit."
+    )
+    out.settings = {
+        "relay smtp.rate_per_ip": "0 (every client here is 127.0.0.1)",
+        "relay smtp.max_connections_per_ip": "200 (same reason)",
+        "relay dns.nameservers": "a closed loopback port (no lookup leaves the machine)",
+        "Postfix relayhost": "[127.0.0.1]:<the relay's primary port> (nothing listens)",
+    }
+    relay.stop()
+    postfix.stop()
+    out.commands = commands(ctx)
+    return out
+
+
+# -- 2. drain ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Drain:
+    fill_rate: float
+    first: float  # seconds from the trigger to the first message at the sink
+    last: float  # ... to the last one
+    rate: float  # messages / (last - first)
+    duplicates: int
+
+
+def drain_relay(ctx: Context, count: int) -> Drain:
+    primary = free_port()
+    relay = Relay(ctx.reaper, ctx.workdir, RelaySettings(primary), "relay-drain")
+    relay.start()
+    progress(f"relay: queueing {count:,} messages with the primary down")
+    fill = smtp_source(ctx.reaper, relay.port, messages=count, size=4 * KB)
+    wait_for("the relay to defer every message", lambda: relay.never_tried() == 0, 300, 0.5)
+    settle()
+    progress("relay: primary back, draining")
+    sink = Sink(ctx.reaper, primary, name="relay-primary")
+    sink.watch(count)
+    # The trigger is the primary coming back: the relay notices by its probe.
+    trigger = sink.started_at
+    first = sink.wait_first(120)
+    last = sink.wait(count, 900, stall=60)
+    wait_for("the relay's queue to empty", lambda: relay.queued() == 0, 120, 0.2)
+    time.sleep(1)
+    duplicates = sink.count - count
+    sink.stop()
+    relay.stop()
+    return Drain(fill.rate, first - trigger, last - trigger, count / (last - first), duplicates)
+
+
+def drain_postfix(ctx: Context, count: int) -> Drain:
+    primary = free_port()
+    postfix = Postfix(ctx.reaper, ctx.workdir, primary, "postfix-drain")
+    postfix.start()
+    progress(f"Postfix: queueing {count:,} messages with the primary down")
+    fill = smtp_source(ctx.reaper, postfix.port, messages=count, size=4 * KB)
+    wait_for(
+        "Postfix to defer every message",
+        lambda: postfix.count(("incoming", "active")) == 0 and postfix.count() == count,
+        300,
+        0.5,
+    )
+    settle()
+    progress("Postfix: primary back, postqueue -f, draining")
+    sink = Sink(ctx.reaper, primary, name="postfix-primary")
+    sink.watch(count)
+    trigger = time.monotonic()
+    postfix.flush()
+    first = sink.wait_first(120)
+    last = sink.wait(count, 900, stall=60)
+    wait_for("Postfix's queue to empty", lambda: postfix.count() == 0, 120, 0.2)
+    time.sleep(1)
+    duplicates = sink.count - count
+    sink.stop()
+    postfix.stop()
+    return Drain(fill.rate, first - trigger, last - trigger, count / (last - first), duplicates)
+
+
+def bench_drain(ctx: Context) -> Section:
+    out = section(ctx, "drain")
+    count = 2000 if ctx.quick else 10000
+    relay = drain_relay(ctx, count)
+    postfix = drain_postfix(ctx, count)
+    rate = Row(
+        measure=f"drain {count:,} queued 4 KB messages",
+        unit="msgs/s",
+        relay=relay.rate,
+        postfix=postfix.rate,
+        target="≥ 1× Postfix",
+        detail="count ÷ (last − first arrival at the sink)",
+    )
+    rate.met = at_least(rate.ratio, 1.0)
+    out.rows.append(rate)
+    out.rows.append(
+        Row(
+            measure=f"primary back → all {count:,} delivered",
+            unit="s",
+            relay=relay.last,
+            postfix=postfix.last,
+            better="lower",
+            detail=(
+                f"relay: from the sink's start, probe included (first message after"
+                f" {relay.first:.2f} s); Postfix: from `postqueue -f` (first after"
+                f" {postfix.first:.2f} s)"
+            ),
+        )
+    )
+    out.notes.append(
+        f"The queue was filled over SMTP with the primary down (relay {relay.fill_rate:,.0f},"
+        f" Postfix {postfix.fill_rate:,.0f} msgs/s), and each system had deferred every"
+        " message before the primary came back."
+    )
+    out.notes.append(
+        "Postfix is told with `postqueue -f`, as an operator would; the relay needs no"
+        " operator: it probes the primary every delivery.probe_interval (5 s) and then makes"
+        " all its mail due. Both run their default delivery concurrency (Postfix 20 sessions"
+        " per destination, the relay delivery.per_host_concurrency = 5)."
+    )
+    out.notes.append(
+        f"Messages counted at the sink beyond {count:,} (duplicates): relay"
+        f" {relay.duplicates}, Postfix {postfix.duplicates}; both queues were empty after."
+    )
+    out.commands = commands(ctx)
+    return out
+
+
+# -- 3. recovery ------------------------------------------------------------------------------
+
+PROBE_INTERVAL = 5.0  # the relay's delivery.probe_interval default
+SHORTEN = 30  # Postfix's retry timers divided by this to measure them in minutes, not hours
+
+
+def clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+def postfix_worst_wait(outage: float, minimal: float, maximal: float, run_delay: float) -> float:
+    """Postfix retries a deferred message after its age clamped to [minimal, maximal]
+    (qmgr_active.c), and finds it due at the next deferred-queue scan (queue_run_delay): after
+    an outage of `outage` seconds the last failed try may have been just before the primary
+    came back, so the next one can be up to clamp(outage) + queue_run_delay away."""
+    return clamp(outage, minimal, maximal) + run_delay
+
+
+@dataclass
+class Recovery:
+    """Seconds from the primary's return to the first delivery and to the last, per round."""
+
+    first: list[float]
+    last: list[float]
+    extra: int  # messages at the sink beyond those sent (duplicates)
+
+
+def recovery_round(
+    ctx: Context,
+    relay: Relay,
+    postfix: Postfix,
+    ports: tuple[int, int],
+    count: int,
+    postfix_bound: float,
+    results: tuple[Recovery, Recovery],
+) -> None:
+    """One outage seen by both at once: mail arrives while the primary is down, the primary
+    stays down `outage` seconds (plus up to one probe interval, so the return does not fall in
+    step with the relay's probes), then both primaries come back at the same moment."""
+    outage_start = time.monotonic()
+    smtp_source(ctx.reaper, relay.port, messages=count, size=4 * KB)
+    smtp_source(ctx.reaper, postfix.port, messages=count, size=4 * KB)
+    wait_for("the relay to defer every message", lambda: relay.never_tried() == 0, 120, 0.2)
+    wait_for("Postfix to defer", lambda: postfix.count(("incoming", "active")) == 0, 120, 0.2)
+    length = ctx.outage + random.uniform(0, PROBE_INTERVAL)
+    time.sleep(max(0.0, outage_start + length - time.monotonic()))
+    sinks = (
+        Sink(ctx.reaper, ports[0], name="relay-primary"),
+        Sink(ctx.reaper, ports[1], name="postfix-primary"),
+    )
+    back = sum(sink.started_at for sink in sinks) / 2
+    # The relay's last delivery may wait out a retry backoff (retry.max, 600 s by default) if
+    # its recovery misses a message: measured, not cut short, so the figure shows it.
+    limits = ((120.0, 720.0), (postfix_bound + 120, postfix_bound + 300))
+    try:
+        for sink, result, (first_limit, last_limit) in zip(sinks, results, limits, strict=True):
+            result.first.append(sink.wait_first(first_limit) - back)
+            result.last.append(sink.wait(count, last_limit) - back)
+        wait_for("the relay's queue to empty", lambda: relay.queued() == 0, 60, 0.2)
+        wait_for("Postfix's queue to empty", lambda: postfix.count() == 0, 60, 0.2)
+        time.sleep(1)
+        for sink, result in zip(sinks, results, strict=True):
+            result.extra += sink.count - count
+    finally:
+        for sink in sinks:
+            sink.stop()
+            ctx.reaper.discard(sink.name)
+
+
+def bench_recovery(ctx: Context) -> Section:
+    out = section(ctx, "recovery")
+    count = 100 if ctx.quick else 200
+    rounds = 1 if ctx.quick else 3
+    names = ("minimal_backoff_time", "maximal_backoff_time", "queue_run_delay")
+    defaults = postconf_defaults(*names)
+    minimal, maximal, run_delay = (seconds(defaults[k]) for k in names)
+    short = {k: f"{seconds(defaults[k]) / SHORTEN:.0f}s" for k in names}
+    ports = (free_port(), free_port())
+    relay = Relay(ctx.reaper, ctx.workdir, RelaySettings(ports[0]), "relay-recovery")
+    postfix = Postfix(ctx.reaper, ctx.workdir, ports[1], "postfix-recovery", extra=short)
+    relay.start()
+    postfix.start()
+    short_bound = postfix_worst_wait(
+        ctx.outage + PROBE_INTERVAL, *(seconds(short[k]) for k in names)
+    )
+    results = (Recovery([], [], 0), Recovery([], [], 0))
+    for number in range(rounds):
+        progress(f"outage {number + 1} of {rounds}: about {ctx.outage:g} s")
+        recovery_round(ctx, relay, postfix, ports, count, short_bound, results)
+    relay.stop()
+    postfix.stop()
+    r, p = results
+    shortened = ", ".join(f"{k} = {v}" for k, v in short.items())
+    first_relay, first_relay_spread = median_spread(r.first)
+    first_postfix, first_postfix_spread = median_spread(p.first)
+    last_relay, last_relay_spread = median_spread(r.last)
+    last_postfix, last_postfix_spread = median_spread(p.last)
+    outage = f"{ctx.outage:g}–{ctx.outage + PROBE_INTERVAL:g} s outage"
+    out.rows += [
+        Row(
+            measure=f"primary back after a {outage} → first delivery",
+            unit="s",
+            relay=first_relay,
+            postfix=first_postfix,
+            better="lower",
+            target="relay ≤ 10 s",
+            met=max(r.first) <= 10,
+            detail=(
+                f"median, relay {first_relay_spread}, Postfix {first_postfix_spread}; Postfix"
+                f" with retry timers ÷{SHORTEN} ({shortened}), computed worst case with those"
+                f" {short_bound:.0f} s"
+            ),
+        ),
+        Row(
+            measure=f"primary back after a {outage} → queue empty ({count} msgs)",
+            unit="s",
+            relay=last_relay,
+            postfix=last_postfix,
+            better="lower",
+            detail=(
+                f"median, relay {last_relay_spread}, Postfix {last_postfix_spread}; Postfix"
+                f" with retry timers ÷{SHORTEN}"
+            ),
+        ),
+        Row(
+            measure=f"Postfix defaults, {outage} → first delivery, worst case",
+            unit="s",
+            relay=None,
+            postfix=postfix_worst_wait(ctx.outage + PROBE_INTERVAL, minimal, maximal, run_delay),
+            better="lower",
+            detail="*computed*, not measured: clamp(outage, minimal, maximal) + queue_run_delay",
+        ),
+        Row(
+            measure=f"Postfix defaults, outage ≥ {maximal:.0f} s → first delivery, worst case",
+            unit="s",
+            relay=None,
+            postfix=postfix_worst_wait(maximal, minimal, maximal, run_delay),
+            better="lower",
+            detail="*computed*, not measured: maximal_backoff_time + queue_run_delay",
+        ),
+    ]
+    out.notes.append(
+        f"{rounds} outage(s), both systems side by side: {count} messages of 4 KB sent to each"
+        " while the primary was down; both primaries (one smtp-sink each) came back at the same"
+        f" moment, {ctx.outage:g} s plus a random 0–{PROBE_INTERVAL:g} s after the first"
+        " message (so the return does not fall in step with the relay's probe). No operator"
+        " action: the relay's probe (delivery.probe_interval, default 5 s) and Postfix's own"
+        " retry schedule. A round starts with the primary down again."
+    )
+    out.notes.append(
+        "Postfix defaults from `postconf -d`: "
+        + ", ".join(f"{k} = {defaults[k]}" for k in names)
+        + ". Postfix retries a deferred message after its age in the queue clamped to"
+        " [minimal_backoff_time, maximal_backoff_time] (qmgr_active.c), at the next deferred"
+        " queue scan (every queue_run_delay): its wait grows with the outage up to that cap,"
+        " the relay's does not depend on it."
+    )
+    out.notes.append(
+        f"Messages at the sinks beyond those sent (duplicates): relay {r.extra}, Postfix"
+        f" {p.extra}; both queues were empty after each round."
+    )
+    out.settings = {f"Postfix {k}": f"{v} (default {defaults[k]})" for k, v in short.items()}
+    out.commands = commands(ctx)
+    return out
+
+
+# -- 4. footprint -----------------------------------------------------------------------------
+
+
+def fill_relay_queue(relay: Relay, count: int, retry_max: float = 600.0) -> float:
+    """Writes `count` deferred messages straight into the relay's queue with relay.store.Store,
+    5,000 per transaction; returns the seconds it took.
+
+    They look like mail from a long outage: one failed attempt each and next attempts spread
+    evenly over the next retry.max, which is where the relay's backoff caps a long outage; so
+    the running relay keeps deferring about count / retry.max of them every second, as it would.
+    """
+    from relay.store import (
+        QUEUED,
+        DestinationState,
+        NewMessage,
+        NewRecipient,
+        Outcome,
+        Store,
+        new_queue_id,
+    )
+
+    rng = random.Random(7)
+    payload = b"".join(b"%04d: " % i + b"x" * 74 + b"\r\n" for i in range(50))[: 4 * KB]
+    header = b"From: sender@bench.test\r\nTo: bob@example.test\r\nSubject: queued\r\n\r\n"
+    reply = "421 4.4.1 connect to 127.0.0.1: Connection refused"
+    started = time.monotonic()
+    now = time.time()
+    store = Store(str(relay.queue_path))
+    try:
+        batch = 5000
+        for start in range(0, count, batch):
+
+            def write(s: Store, start: int = start) -> None:
+                for i in range(start, min(count, start + batch)):
+                    arrived = now - 3600 + i * (3000 / count)
+                    message = NewMessage(
+                        id=new_queue_id(arrived),
+                        sender="sender@bench.test",
+                        recipients=(NewRecipient("bob@example.test"),),
+                        body=b"Received: from bench\r\n" + header + payload,
+                        received_at=arrived,
+                        client_ip="127.0.0.1",
+                        helo="bench",
+                    )
+                    s.insert(message)
+                    due = now + rng.uniform(0, retry_max)
+                    s.record(message.id, [Outcome("bob@example.test", QUEUED, reply, "", due)])
+
+            store.transaction(write)
+        store.transaction(
+            lambda s: s.save_destination(
+                DestinationState("example.test", False, now - 3600, reply, now - 3600)
+            )
+        )
+    finally:
+        store.close()
+    return time.monotonic() - started
+
+
+def relay_footprint(ctx: Context, count: int, messages: int) -> dict[str, float]:
+    primary = free_port()
+    relay = Relay(ctx.reaper, ctx.workdir, RelaySettings(primary), "relay-footprint")
+    progress(f"relay: writing {count:,} queued messages with relay.store.Store")
+    figures = {"fill": fill_relay_queue(relay, count)}
+    if relay.queued() != count:
+        raise BenchError(f"relay queue holds {relay.queued()} messages, wanted {count}")
+    figures["db_mib"] = relay.queue_path.stat().st_size / 1024**2
+    figures["start"] = relay.start()
+    time.sleep(3)
+    figures["rss_start"] = mib(rss_kib(relay.pid)[0])
+    figures["scrape"] = relay.scrape()
+    figures["rss_scrape"] = mib(rss_kib(relay.pid)[0])
+    progress("relay: memory, /metrics, relay queue, relay status, accept trials")
+    figures["queue_cli"] = relay.cli("queue")
+    figures["status_cli"] = relay.cli("status")
+    rates = accept_trials(ctx, {"relay": relay.port}, 4 * KB, messages)["relay"]
+    figures["accept_full"], _ = median_spread(rates)
+    figures["rss_peak"] = mib(rss_kib(relay.pid)[1])
+    relay.stop()
+
+    progress("relay: accept trials with an empty queue")
+    empty = Relay(ctx.reaper, ctx.workdir, RelaySettings(primary), "relay-empty")
+    empty.start()
+    time.sleep(3)
+    figures["rss_empty"] = mib(rss_kib(empty.pid)[0])
+    rates = accept_trials(ctx, {"relay": empty.port}, 4 * KB, messages)["relay"]
+    figures["accept_empty"], _ = median_spread(rates)
+    empty.stop()
+    return figures
+
+
+def postfix_memory(postfix: Postfix) -> tuple[float, float, int]:
+    """(PSS sum, RSS sum, process count) over the master and everything below it.
+
+    Postfix's daemons come and go (an idle smtpd exits after max_idle): one that exits while
+    being read is left out rather than failing the benchmark."""
+    pss = rss = count = 0
+    for pid in postfix.pids():
+        try:
+            pss_one, rss_one = pss_kib(pid), rss_kib(pid)[0]
+        except OSError:
+            continue
+        pss, rss, count = pss + pss_one, rss + rss_one, count + 1
+    return mib(pss), mib(rss), count
+
+
+def postfix_footprint(ctx: Context, count: int, messages: int) -> dict[str, float]:
+    primary = free_port()
+    postfix = Postfix(ctx.reaper, ctx.workdir, primary, "postfix-footprint")
+    postfix.start()
+    progress(f"Postfix: queueing {count:,} messages over SMTP with the primary down")
+    figures = {"fill_rate": smtp_source(ctx.reaper, postfix.port, messages=count, size=4 * KB).rate}
+    wait_for(
+        "Postfix to defer every message",
+        lambda: postfix.count(("incoming", "active")) == 0 and postfix.count() == count,
+        600,
+        1.0,
+    )
+    settle()
+    progress("Postfix: memory, postqueue -p, accept trials")
+    figures["pss"], figures["rss"], figures["procs"] = postfix_memory(postfix)
+    figures["queue_cli"] = postfix.list_queue()
+    rates = accept_trials(ctx, {"postfix": postfix.port}, 4 * KB, messages)["postfix"]
+    figures["accept_full"], _ = median_spread(rates)
+    postfix.stop()
+
+    progress("Postfix: accept trials with an empty queue")
+    empty = Postfix(ctx.reaper, ctx.workdir, primary, "postfix-empty")
+    empty.start()
+    rates = accept_trials(ctx, {"postfix": empty.port}, 4 * KB, messages)["postfix"]
+    figures["accept_empty"], _ = median_spread(rates)
+    figures["pss_empty"], _, _ = postfix_memory(empty)
+    empty.stop()
+    return figures
+
+
+def bench_footprint(ctx: Context) -> Section:
+    out = section(ctx, "footprint")
+    count = 20_000 if ctx.quick else 100_000
+    messages = 1000 if ctx.quick else 3000
+    r = relay_footprint(ctx, count, messages)
+    p = postfix_footprint(ctx, count, messages)
+    n = f"{count:,} queued"
+    memory = Row(
+        measure=f"memory after start, {n}",
+        unit="MiB",
+        relay=r["rss_start"],
+        postfix=p["pss"],
+        better="lower",
+        target="relay RSS ≤ 100 MB",
+        met=r["rss_start"] <= 100 * 1000**2 / 1024**2,
+        detail=(
+            f"relay: VmRSS of its one process (empty queue: {r['rss_empty']:.1f});"
+            f" Postfix: PSS summed over its {p['procs']:.0f} processes (RSS sum"
+            f" {p['rss']:.1f}; empty queue: PSS {p['pss_empty']:.1f})"
+        ),
+    )
+    scraped = Row(
+        measure=f"relay memory after a /metrics scrape, {n}",
+        unit="MiB",
+        relay=r["rss_scrape"],
+        postfix=None,
+        better="lower",
+        target="≤ 100 MB",
+        met=r["rss_scrape"] <= 100 * 1000**2 / 1024**2,
+        detail=f"scrape took {r['scrape']:.2f} s; peak (VmHWM) over the run {r['rss_peak']:.1f}",
+    )
+    listing = Row(
+        measure=f"`relay queue` vs `postqueue -p`, {n}",
+        unit="s",
+        relay=r["queue_cli"],
+        postfix=p["queue_cli"],
+        better="lower",
+        target="relay < 1 s",
+        met=r["queue_cli"] < 1.0,
+        detail="the full mailq-style listing, output to /dev/null, server running",
+    )
+    summary = Row(
+        measure=f"`relay status` (per-domain summary), {n}",
+        unit="s",
+        relay=r["status_cli"],
+        postfix=None,
+        better="lower",
+        target="< 1 s",
+        met=r["status_cli"] < 1.0,
+        detail="output to /dev/null, server running; Postfix has no equivalent",
+    )
+    full_vs_empty = Row(
+        measure=f"accept 4 KB with {n} ÷ with an empty queue",
+        unit="%",
+        relay=100 * r["accept_full"] / r["accept_empty"],
+        postfix=100 * p["accept_full"] / p["accept_empty"],
+        target="relay ≥ 80 %",
+        detail=(
+            f"relay {r['accept_full']:,.0f} vs {r['accept_empty']:,.0f} msgs/s;"
+            f" Postfix {p['accept_full']:,.0f} vs {p['accept_empty']:,.0f} msgs/s"
+        ),
+    )
+    full_vs_empty.met = full_vs_empty.relay is not None and full_vs_empty.relay >= 80
+    out.rows += [memory, scraped, listing, summary, full_vs_empty]
+    out.notes.append(
+        f"The relay's queue was written directly with relay.store.Store ({count:,} messages of"
+        f" 4 KB, 5,000 per transaction, {r['fill']:.1f} s, database {r['db_mib']:,.0f} MiB):"
+        " each with one failed attempt and its next attempt spread over the next 10 minutes"
+        " (retry.max), as after a long outage, so the running relay keeps deferring about"
+        f" {count / 600:,.0f} of them per second while measured. It took {r['start']:.2f} s from"
+        " `relay serve` to its SMTP greeting."
+    )
+    out.notes.append(
+        f"Postfix's queue was filled over SMTP ({p['fill_rate']:,.0f} msgs/s sustained) with the"
+        " primary down; being minutes old, none of its messages came due for a retry while it"
+        " was measured (minimal_backoff_time = 300 s)."
+    )
+    out.notes.append(
+        f"Accept rates: median of {ctx.trials} smtp-source run(s) of {messages:,} messages,"
+        f" {SENDERS} sessions, primary down; the empty-queue figures come from fresh instances"
+        " in the same run."
+    )
+    out.commands = commands(ctx)
+    return out
+
+
+# -- running ----------------------------------------------------------------------------------
+
+BENCHMARKS: dict[str, tuple[Callable[[Context], Section], float]] = {
+    "accept": (bench_accept, 900),
+    "drain": (bench_drain, 1800),
+    "recovery": (bench_recovery, 3600),
+    "footprint": (bench_footprint, 2400),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument(
+        "benchmarks",
+        nargs="*",
+        metavar="BENCHMARK",
+        help=f"{', '.join(BENCHMARKS)} or all (the default)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small counts, one trial each; printed, not recorded"
+    )
+    parser.add_argument(
+        "--outage", type=float, default=None, help="outage length for recovery (default 60 s)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="parent of the run's temporary directory"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--no-doc", action="store_true", help="print only; leave results.json and the doc"
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.benchmarks) - {*BENCHMARKS, "all"})
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(BENCHMARKS)}")
+    return args
+
+
+def terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    chosen = args.benchmarks
+    names = list(BENCHMARKS) if not chosen or "all" in chosen else list(dict.fromkeys(chosen))
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, terminate)
+    record = not args.no_doc and not args.quick  # a quick run's figures are not the record
+    reaper = Reaper()
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=args.workdir))
+    done: list[Section] = []
+    failed: list[str] = []
+    try:
+        outage = args.outage if args.outage is not None else (20.0 if args.quick else 60.0)
+        ctx = Context(reaper, workdir, args.quick, outage, machine(workdir))
+        for name in names:
+            run, limit = BENCHMARKS[name]
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            reaper.commands.clear()
+            started = time.monotonic()
+            idle_load = cpu_busy_fraction(2.0)
+            try:
+                with budget(name, limit):
+                    result = run(ctx)
+                result.notes.append(
+                    f"CPU busy before the benchmark started (other work on the machine):"
+                    f" {idle_load:.0%}."
+                )
+            except BenchError as exc:
+                print(f"bench: {name} FAILED: {exc}", file=sys.stderr)
+                failed.append(name)
+                continue
+            except Exception:  # a bug here must not cost the other benchmarks their results
+                traceback.print_exc()
+                print(f"bench: {name} FAILED with the error above", file=sys.stderr)
+                failed.append(name)
+                continue
+            finally:
+                reaper.reap()
+            print(f"bench: {name} done in {time.monotonic() - started:.0f}s", file=sys.stderr)
+            print(table([result]) + "\n", flush=True)
+            done.append(result)
+            if record:
+                # Saved as each one finishes, so an interrupted run keeps what it measured.
+                write_document(save([result]), PREAMBLE)
+    except KeyboardInterrupt as exc:
+        print(f"bench: interrupted ({exc or 'Ctrl-C'}), cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        reaper.reap()
+        if args.keep:
+            print(f"bench: work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if done:
+        print("## All results of this run\n\n" + table(done))
+        if record:
+            print("\nbench: wrote bench/results.json and docs/performance.md", file=sys.stderr)
+    if failed:
+        print(f"bench: failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
