@@ -82,8 +82,7 @@ class Destination:
 
     name: str
     up: bool | None = None  # None: not tried since start
-    down_since: float | None = None
-    since: float | None = None
+    since: float | None = None  # when `up` last changed (relay status: up/down since)
     flushed_at: float = float("-inf")  # last recovery or ETRN: mail deferred before it is due
     last_error: str | None = None
     last_success: float | None = None
@@ -429,7 +428,6 @@ class Scheduler:
             if dest.up is False:
                 log.info("%s: destination is up again", dest.name)
             dest.up = True
-            dest.down_since = None
             dest.recovered.set()
             dest.since = now
             self._persist(dest)
@@ -441,7 +439,6 @@ class Scheduler:
         if dest.up is not False:
             log.warning("%s: destination down: %s", dest.name, error)
             dest.up = False
-            dest.down_since = now
             dest.since = now
             dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
             dest.recovered.clear()
