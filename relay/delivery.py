@@ -51,7 +51,13 @@ OPERATOR_BOUNCE = "550 5.0.0 Message bounced by the postmaster"
 ROUTE_CACHE_SECONDS = 30.0
 RAMP_START = 2  # sessions to a destination that just came back
 RAMP_STEP = 10  # 2xx replies in a row that earn one more session
-DOWN_AFTER_4XX = 5  # consecutive 4xx replies that mean "down again"
+DOWN_AFTER_4XX = 5
+# Recipient state → (relay_deliveries_total result label, log status word, as Postfix says it).
+_REPORTED = {
+    DELIVERED: ("delivered", "sent"),
+    FAILED: ("bounced", "bounced"),
+    QUEUED: ("deferred", "deferred"),
+}  # consecutive 4xx replies that mean "down again"
 
 
 def backoff(attempts: int, minimum: float, maximum: float, rng: random.Random) -> float:
@@ -600,14 +606,14 @@ class Scheduler:
     @staticmethod
     def _log_outcomes(message: MessageRow, outcomes: Sequence[Outcome], removed: bool) -> None:
         for outcome in outcomes:
-            result = {DELIVERED: "delivered", FAILED: "bounced", QUEUED: "deferred"}[outcome.state]
+            result, status = _REPORTED[outcome.state]
             metrics.deliveries.labels(_domain(outcome.address), result).inc()
             log.info(
                 "%s: to=<%s> relay=%s status=%s (%s)",
                 message.id,
                 outcome.address,
                 outcome.host or "none",
-                {DELIVERED: "sent", FAILED: "bounced", QUEUED: "deferred"}[outcome.state],
+                status,
                 outcome.reply,
             )
         if removed:
