@@ -17,6 +17,7 @@ change without touching the protocol code; intake.py only relays a `Refusal`.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import logging
 import os
@@ -81,9 +82,15 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=4)
+def _queue_directory(path: str) -> Path:
+    """Resolved once: it runs per MAIL command, and queue.path changes only with a restart."""
+    return Path(path).expanduser().resolve().parent
+
+
 def disk_free(path: str) -> int | None:
     """Bytes free to unprivileged writers where the queue lives; None when it cannot be told."""
-    directory = Path(path).expanduser().resolve().parent
+    directory = _queue_directory(path)
     try:
         stats = os.statvfs(directory)
     except OSError as exc:

@@ -179,8 +179,6 @@ class Relay:
             hostname=cfg.hostname,
             ident="ESMTP relay",
             data_size_limit=cfg.smtp.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
             tls_context=self._tls,
             timeout=cfg.smtp.command_timeout,
         )

@@ -15,6 +15,9 @@ from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 
 import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.intake import RelaySMTP
 from relay.service import Relay
@@ -753,3 +756,83 @@ async def test_an_internal_error_is_a_temporary_failure_not_a_500(
         await talk.command("MAIL FROM:<sender@client.test>")
         reply = await talk.command(f"RCPT TO:<bob@{DOMAIN}>")
     assert reply.text == "451 4.3.0 Error: internal error, try again later"
+
+
+# -- aiosmtpd's constructor and address parser, replaced for speed -----------------------------
+
+
+async def test_protocol_sets_what_aiosmtpd_would(relay_factory: RelayFactory) -> None:
+    """RelaySMTP builds its dispatch tables once per class instead of calling aiosmtpd's
+    __init__ per connection; an aiosmtpd release that adds or changes an attribute fails here."""
+    server = await relay_factory()
+    ours = server._protocol()
+    theirs = RelaySMTP.__new__(RelaySMTP)
+    theirs.line_length_limit = ours.line_length_limit
+    theirs._refusal, theirs._reading_data, theirs._buffered = None, False, 0
+    theirs.relay_handler = server.handler
+    SMTP.__init__(
+        theirs,
+        server.handler,
+        hostname=ours.hostname,
+        ident="ESMTP relay",
+        data_size_limit=ours.data_size_limit,
+        enable_SMTPUTF8=True,
+        decode_data=False,
+        tls_context=ours.tls_context,
+        timeout=ours._timeout_duration,
+    )
+    theirs.command_size_limit = ours.command_size_limit
+    theirs.command_size_limits = ours.command_size_limits
+    assert sorted(vars(ours)) == sorted(vars(theirs))
+    built_per_connection = {"_stream_reader_wr", "_stream_writer", "_task", "_closed", "_loop"}
+    for name, value in vars(theirs).items():
+        mine = vars(ours)[name]
+        if name in ("_handle_hooks", "_smtp_methods"):
+            assert {k: v.__func__ for k, v in mine.items()} == {
+                k: v.__func__ for k, v in value.items()
+            }, name
+        elif name == "_auth_methods":
+            assert "AUTH" in ours._smtp_methods  # ours answers 502; no mechanism is offered
+        elif name == "require_starttls":  # aiosmtpd's is None or False; read as a truth value
+            assert not mine and not value
+        elif isinstance(value, (bool, int, str, float, type(None))):
+            assert mine == value, name
+        else:
+            assert name in built_per_connection or type(mine) is type(value), name
+
+
+_ATOM = st.text(alphabet="abcxyzABC019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=6)
+_LABEL = st.text(alphabet="abcXYZ0129-", min_size=1, max_size=6)
+
+
+@given(
+    local=st.lists(_ATOM, min_size=1, max_size=3).map(".".join),
+    domain=st.lists(_LABEL, min_size=1, max_size=3).map(".".join),
+    rest=st.sampled_from(["", " SIZE=100", " BODY=8BITMIME SMTPUTF8", " \tNOTIFY=NEVER", "X"]),
+)
+def test_plain_address_fast_path_agrees_with_the_parser(local: str, domain: str, rest: str) -> None:
+    arg = f"<{local}@{domain}>{rest}"
+    protocol = RelaySMTP.__new__(RelaySMTP)
+    fast = RelaySMTP._getaddr(protocol, arg)
+    slow = SMTP._getaddr(protocol, arg)
+    assert fast == slow
+    assert fast == (f"{local}@{domain}", rest.lstrip(" \t"))
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        '<"john doe"@example.test>',
+        "<@a.test:bob@example.test>",
+        "<>",
+        " <bob@example.test>",
+        "bob@example.test SIZE=1",
+        "<bob@example.test",
+        "<.bob@example.test>",
+        "<bob@>",
+        "<bob@example.test> (a comment) SIZE=1",
+    ],
+)
+def test_other_address_forms_are_parsed_as_aiosmtpd_does(arg: str) -> None:
+    protocol = RelaySMTP.__new__(RelaySMTP)
+    assert RelaySMTP._getaddr(protocol, arg) == SMTP._getaddr(protocol, arg)
