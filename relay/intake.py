@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ipaddress
 import logging
 import re
@@ -25,7 +26,14 @@ from email.errors import HeaderParseError
 from email.utils import format_datetime
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail, syntax
+from aiosmtpd.smtp import (
+    SMTP,
+    Envelope,
+    Session,
+    TLSSetupException,
+    login_always_fail,
+    syntax,
+)
 
 from relay import metrics
 from relay.config import Config
@@ -43,6 +51,7 @@ _XTEXT = re.compile(r"^[\x21-\x7e]{1,100}$")
 _ROUTING_CHARS = set("%!@")
 _DATA_CHUNK = 64 * 1024
 _TERMINATOR = b"\r\n.\r\n"
+_BOGUS_LIMIT = 5  # unknown commands before the session is closed (aiosmtpd's BOGUS_LIMIT)
 
 
 class Reply:
@@ -209,14 +218,20 @@ class RelaySMTP(SMTP):
         self._auth_callback = login_always_fail
         self._auth_required = False
         self._auth_methods: dict[str, Any] = {}  # no AUTH on a backup MX: smtp_AUTH says 502
-        self._handle_hooks = {
-            name: getattr(handler, "handle_" + name) for name in _prefixed(type(handler), "handle_")
-        }
+        self._handle_hooks = handler.aiosmtpd_hooks
         self._ehlo_hook_ver = None  # smtp_EHLO below is ours and calls no hook
-        self._smtp_methods = {
-            name: getattr(self, "smtp_" + name) for name in _prefixed(type(self), "smtp_")
-        }
+        self._smtp_verbs = frozenset(_prefixed(type(self), "smtp_"))
+        self._deadline = 0.0
         self._enforce_call_limit = False
+
+    @property
+    def _smtp_methods(self) -> dict[str, Callable[[str | None], Awaitable[None]]]:
+        """aiosmtpd's verb table, which its HELP reads; our command loop uses _smtp_verbs."""
+        return {name: getattr(self, "smtp_" + name) for name in self._smtp_verbs}
+
+    @_smtp_methods.setter
+    def _smtp_methods(self, table: dict[str, Any]) -> None:
+        self._smtp_verbs = frozenset(table)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The address of a MAIL or RCPT argument and the text after it.
@@ -279,19 +294,109 @@ class RelaySMTP(SMTP):
             self.relay_handler.connection_secured(previous, self.relay_session())
 
     async def _handle_client(self) -> None:
+        """The command loop: aiosmtpd's, less what the relay never enables.
+
+        No PROXY protocol, per-command call limits or require_starttls, and no per-command
+        logging (aiosmtpd builds each debug line's arguments even when debug is off). What is
+        left runs for every command of every session, so it is kept short.
+        """
         if self._refusal is not None:
             await self.push(self._refusal)  # instead of the banner (RFC 5321 3.1)
             self._close()
             return
-        await super()._handle_client()
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        bogus_budget = _BOGUS_LIMIT
+        reader = self._reader
+        while self.transport is not None:
+            try:
+                try:
+                    line: bytes = await reader.readuntil()
+                except asyncio.LimitOverrunError as error:
+                    await self._skip_long_line(error.consumed)
+                    continue
+                line = line.rstrip(b"\r\n")
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode("ascii")
+                except UnicodeDecodeError:
+                    command = ""
+                if not command:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                # The argument may be UTF-8 (SMTPUTF8) or stray 8-bit: surrogateescape keeps
+                # the original bytes recoverable, as in aiosmtpd.
+                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+                if len(line) > self.command_size_limit:
+                    await self.push(Reply.LINE_TOO_LONG)
+                    metrics.messages_rejected.labels("line_too_long").inc()
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 Command refused due to lack of security")
+                    continue
+                if command not in self._smtp_verbs:
+                    bogus_budget -= 1
+                    if bogus_budget < 1:
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self._close()
+                        continue
+                    await self.push(f'500 Error: command "{command}" not recognized')
+                    continue
+                self._reset_timeout()
+                await getattr(self, "smtp_" + command)(arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._writer.close()
+                raise
+            except TLSSetupException as error:
+                # The handshake failed half-way: nothing can be said on this connection.
+                if self.transport is not None:
+                    self.transport.close()
+                self.connection_lost(error)
+            except Exception as error:
+                await self.push(await self.relay_handler.handle_exception(error))
+
+    async def _skip_long_line(self, consumed: int) -> None:
+        """Reads past an overlong command line, then says so (aiosmtpd's behaviour)."""
+        await self._reader.read(consumed)
+        while True:
+            try:
+                await self._reader.readuntil()
+                break
+            except asyncio.LimitOverrunError as error:
+                await self._reader.read(error.consumed)
+        metrics.messages_rejected.labels("line_too_long").inc()
+        await self.push(Reply.LINE_TOO_LONG)
 
     async def push(self, status: AnyStr) -> None:
-        # aiosmtpd's own reply to an overlong command line has no enhanced status code.
-        if status == "500 Command line too long":
-            metrics.messages_rejected.labels("line_too_long").inc()
-            await super().push(Reply.LINE_TOO_LONG)
+        await self.push_lines(status)
+
+    async def push_lines(self, *lines: AnyStr) -> None:
+        """Sends one reply, or the lines of a multi-line one, in a single write."""
+        data = b"".join(
+            (line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n" for line in lines
+        )
+        self._writer.write(data)
+        await self._writer.drain()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Moves the idle deadline; the timer itself is rescheduled only when it fires.
+
+        Every command moves the deadline. aiosmtpd cancels and re-creates a timer each time;
+        here a timer that fires before the deadline just sets itself again, which costs one
+        timer per timeout period instead of one per command.
+        """
+        loop = self.loop
+        self._deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
             return
-        await super().push(status)
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         """RFC 5321 4.5.3.2: say why before closing, and count it."""
@@ -302,6 +407,17 @@ class RelaySMTP(SMTP):
             line = Reply.TIMEOUT.format(host=self.hostname) + "\r\n"
             self.transport.write(line.encode())  # type: ignore[attr-defined]
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def eof_received(self) -> bool:
+        """The client closed its side of the connection: close ours.
+
+        aiosmtpd cancels the command loop here and keeps the connection half-open. When the
+        close arrives before that loop has run once (a port probe: connect, then close), the
+        loop never gets to close the transport, and the session would hold its connection slot
+        until the command timeout. Nothing more can be read, so there is nothing to wait for.
+        """
+        super().eof_received()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -331,9 +447,7 @@ class RelaySMTP(SMTP):
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
         lines.append("HELP")
-        for line in lines[:-1]:
-            await self.push(f"250-{line}")
-        await self.push(f"250 {lines[-1]}")
+        await self.push_lines(*[f"250-{line}" for line in lines[:-1]], f"250 {lines[-1]}")
 
     @syntax("ETRN domain")
     async def smtp_ETRN(self, arg: str | None) -> None:
@@ -515,6 +629,17 @@ class RelaySMTP(SMTP):
         The bytes are kept exactly as sent, apart from undoing dot-stuffing (RFC 5321 4.5.2).
         A line ends only at CRLF: a bare LF or CR is content, as in aiosmtpd's own reader.
         """
+        # The reader's limit is the command line length, and asyncio also stops reading the
+        # socket whenever twice that is buffered: during DATA that would mean an epoll change
+        # every few kilobytes. While the body streams in, let a chunk's worth gather instead.
+        reader: Any = self._reader
+        line_limit, reader._limit = reader._limit, _DATA_CHUNK
+        try:
+            return await self._read_body()
+        finally:
+            reader._limit = line_limit
+
+    async def _read_body(self) -> bytes | str:
         limit = self.data_size_limit or 0
         timeout = self.relay_handler.config.smtp.data_timeout
         # A virtual CRLF in front lets an empty message (".\r\n" at once) match the terminator.
@@ -650,6 +775,11 @@ class IntakeHandler:
     @property
     def config(self) -> Config:
         return self.get_config()
+
+    @functools.cached_property
+    def aiosmtpd_hooks(self) -> dict[str, Callable[..., Any]]:
+        """aiosmtpd's `handle_*` hook table, built once rather than once per connection."""
+        return {name: getattr(self, "handle_" + name) for name in _prefixed(type(self), "handle_")}
 
     def connection_opened(self, session: RelaySession) -> str | None:
         """Counts the connection; a reply to send instead of the banner when it is refused."""

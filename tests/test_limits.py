@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from hostile import (
     stored_count,
 )
 
+from relay import metrics
 from relay.limits import Limits, client_key
 from relay.service import Relay
 
@@ -92,14 +94,27 @@ async def test_a_connection_flood_from_one_host_leaves_a_well_behaved_client_ser
     address = smtp_address(server)
     baseline = open_connections()
 
+    answered: list[str] = []
+    all_answered = asyncio.Event()
+
     async def flood_one() -> str:
+        """Holds its connection until every flooder has its first line: all 200 at once."""
+        code = "reset"
         with contextlib.suppress(ConnectionError):
             reader, writer = await asyncio.open_connection(*address, local_addr=("127.0.0.7", 0))
             try:
-                return (await reader.readline()).decode()[:3]
+                code = (await reader.readline()).decode()[:3]
+                answered.append(code)
+                if len(answered) == 200:
+                    all_answered.set()
+                await asyncio.wait_for(all_answered.wait(), 15)
             finally:
                 writer.close()
-        return "reset"
+            return code
+        answered.append(code)
+        if len(answered) == 200:
+            all_answered.set()
+        return code
 
     flood = [asyncio.create_task(flood_one()) for _ in range(200)]
     replies = await asyncio.gather(served(server), served(server), *flood)
@@ -110,6 +125,28 @@ async def test_a_connection_flood_from_one_host_leaves_a_well_behaved_client_ser
     await eventually(lambda: slots_free(server), "every slot back")
     await eventually(lambda: open_connections() == baseline, "relay_smtp_connections back")
     assert stored_count(server) == 2
+
+
+async def test_a_port_probe_gives_its_connection_slot_back_at_once(
+    relay_factory: RelayFactory,
+) -> None:
+    """Connect and close before the banner (monitoring checks, port scanners): the slot comes
+    back at once, not after the command timeout, or a few probes lock a client out."""
+    server = await relay_factory(smtp={"max_connections_per_ip": 1, "command_timeout": 300})
+    address = smtp_address(server)
+    baseline = open_connections()
+    accepted = metrics.REGISTRY.get_sample_value("relay_smtp_connections_total") or 0
+    for _ in range(3):
+        # Blocking, on purpose: connect and close are both in before the relay's loop runs, so
+        # the close arrives before the session's command loop has started.
+        socket.create_connection(address).close()
+    await eventually(
+        lambda: metrics.REGISTRY.get_sample_value("relay_smtp_connections_total") == accepted + 3,
+        "the probes taken in",
+    )
+    await eventually(lambda: slots_free(server), "every slot back")
+    await eventually(lambda: open_connections() == baseline, "relay_smtp_connections back")
+    assert "queued as" in await served(server)
 
 
 # -- per session and per minute ---------------------------------------------------------------
