@@ -63,7 +63,12 @@ def new_queue_id(now: float | None = None) -> str:
     while micros:
         micros, digit = divmod(micros, len(_CROCKFORD))
         stamp = _CROCKFORD[digit] + stamp
-    suffix = "".join(secrets.choice(_CROCKFORD) for _ in range(5))
+    base = len(_CROCKFORD)
+    draw = secrets.randbelow(base**5)  # five random digits from one draw, one urandom read
+    suffix = ""
+    for _ in range(5):
+        draw, digit = divmod(draw, base)
+        suffix += _CROCKFORD[digit]
     return stamp + suffix
 
 
