@@ -80,7 +80,7 @@ def serve(config_path: str | None, log_format: str | None, allow_root: bool) -> 
         )
     service.setup_logging(log_format or cfg.log.format)
     try:
-        asyncio.run(service.serve(cfg, chosen))
+        service.run(service.serve(cfg, chosen))
     except StorageError as exc:
         _fail(f"cannot start: {exc}")
     except OSError as exc:

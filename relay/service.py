@@ -18,10 +18,11 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import config as config_module
@@ -350,6 +351,16 @@ def _sockname(server: asyncio.Server) -> str:
         host, port = sock.getsockname()[:2]
         names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     return ", ".join(names)
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Runs the server on uvloop, libuv's event loop for asyncio.
+
+    Every SMTP session is a dozen socket reads and writes on one core; uvloop does that part
+    of the work in C, which is about an eighth of the CPU an accepted message costs. The test
+    suite runs on the same loop (tests/conftest.py).
+    """
+    uvloop.run(main)
 
 
 async def serve(cfg: Config, config_path: str) -> None:

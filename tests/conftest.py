@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 import relay
@@ -40,6 +41,12 @@ from relay.config import Config, from_mapping
 from relay.service import Relay
 from relay.store import Store
 from tests.dnsserver import DnsServer
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every async test runs on uvloop, the event loop `relay serve` runs on (relay.service)."""
+    return {"uvloop": uvloop.new_event_loop}
+
 
 PROJECT_ROOT = Path(relay.__file__).resolve().parent.parent
 DOMAIN = "example.test"
