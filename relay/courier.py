@@ -45,7 +45,6 @@ TLS_MODES = ("none", "opportunistic", "require", "verify")
 # a strict CRLF-only receiver, only in mail that already breaks RFC 5321 2.3.8; the gain is that
 # no stored body can ever put an end-of-data lookalike such as "<LF>.<CR><LF>" on the wire
 # (SMTP smuggling).
-_LINE_START_DOT = re.compile(rb"(?:\A|(?<=[\r\n]))\.")
 _CHUNK = 64 * 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
@@ -338,6 +337,9 @@ class Session:
                 await asyncio.wait_for(protocol._drain_helper(), self._timeout)
         with _translated("after end of data", self._where):
             response = await protocol.read_response(timeout=self._timeout)
+        # The reply to the final dot ends the transaction, whatever its code (RFC 5321 4.1.1.4,
+        # 3.3): the next MAIL may follow at once, without a round trip for RSET.
+        self._reset_pending = False
         return self._checked(Reply(response.code, response.message), "after end of data", 2)
 
     async def _rset(self) -> None:
@@ -626,7 +628,12 @@ def _declared_size(body: bytes) -> int:
 
 def _data_payload(body: bytes) -> bytes:
     """The DATA phase on the wire: the stored bytes dot-stuffed, CRLF-terminated, then '.'."""
-    payload = _LINE_START_DOT.sub(b"..", body)
+    # A dot starts a line at the very start and after any CR or LF (a bare one too: some servers
+    # end lines there). Two replaces do what one look-behind regex did, several times faster;
+    # tests/test_courier.py checks them against that regex on generated bodies.
+    payload = body.replace(b"\n.", b"\n..").replace(b"\r.", b"\r..")
+    if payload.startswith(b"."):
+        payload = b"." + payload
     if payload and not payload.endswith(b"\r\n"):
         payload += b"\r\n"  # RFC 5321 4.1.1.4: the terminating dot must start a line
     return payload + b".\r\n"

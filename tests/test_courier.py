@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.courier import (
     Outgoing,
@@ -14,6 +17,7 @@ from relay.courier import (
     Reply,
     Session,
     SessionError,
+    _data_payload,
     probe,
     verify_recipient,
 )
@@ -137,7 +141,7 @@ async def test_empty_body_is_sent_as_an_empty_message(fake_primary: Start) -> No
 # -- several messages, several recipients ----------------------------------------------------
 
 
-async def test_two_messages_travel_over_one_connection_with_rset_between(
+async def test_two_messages_travel_over_one_connection_without_rset_after_a_completed_one(
     fake_primary: Start,
 ) -> None:
     fake = await fake_primary()
@@ -157,7 +161,7 @@ async def test_two_messages_travel_over_one_connection_with_rset_between(
         [("carol@example.org", [])],
     ]
     assert verbs(fake) == [
-        "EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA", "QUIT",
+        "EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT",
     ]  # fmt: skip
 
 
@@ -192,6 +196,19 @@ async def test_accepted_recipients_get_the_reply_to_the_dot_even_when_it_is_a_re
     replies = await deliver(fake, message("bob@example.org", "carol@example.org"))
 
     assert set(replies.values()) == {Reply(554, "5.6.0 content rejected")}
+
+
+async def test_a_refused_final_dot_ends_the_transaction_too(fake_primary: Start) -> None:
+    """4xx/5xx to the dot is the end of the transaction (RFC 5321 4.1.1.4): no RSET needed."""
+    fake = await fake_primary(data_reply="554 5.6.0 content rejected")
+
+    session = await Session.open(fake.hop(), helo=HELO)
+    first = await session.send(message("bob@example.org"))
+    second = await session.send(message("carol@example.org", id="Q2"))
+    await session.close()
+
+    assert first["bob@example.org"].code == second["carol@example.org"].code == 554
+    assert verbs(fake) == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
 async def test_no_accepted_recipient_means_no_data_and_an_rset(fake_primary: Start) -> None:
@@ -614,3 +631,17 @@ async def test_verify_recipient_without_a_verdict_raises(fake_primary: Start) ->
     reply = raised.value.reply
     assert reply.code == 421 and not reply.permanent  # no verdict is never "no such user"
     assert reply.text.endswith("refused MAIL FROM:<>: 550 5.7.1 null sender refused")
+
+
+# -- dot-stuffing ----------------------------------------------------------------------------
+
+_LINE_START_DOT = re.compile(rb"(?:\A|(?<=[\r\n]))\.")  # a dot at the start of any line
+
+
+@given(st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b".."]), max_size=30))
+def test_dot_stuffing_doubles_every_dot_that_starts_a_line(parts: list[bytes]) -> None:
+    body = b"".join(parts)
+    stuffed = _LINE_START_DOT.sub(b"..", body)
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    assert _data_payload(body) == stuffed + b".\r\n"
