@@ -314,8 +314,9 @@ def bench_drain(ctx: Context) -> Section:
     out.notes.append(
         "Postfix is told with `postqueue -f`, as an operator would; the relay needs no"
         " operator: it probes the primary every delivery.probe_interval (5 s) and then makes"
-        " all its mail due. Both run their default delivery concurrency (Postfix 20 sessions"
-        " per destination, the relay delivery.per_host_concurrency = 5)."
+        " all its mail due. Both run their default delivery concurrency: 20 sessions per"
+        " destination (Postfix's default_destination_concurrency_limit, the relay's"
+        " delivery.per_host_concurrency)."
     )
     out.notes.append(
         f"Messages counted at the sink beyond {count:,} (duplicates): relay"

@@ -133,7 +133,7 @@ class QueueConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     concurrency: int = 20
-    per_host_concurrency: int = 5
+    per_host_concurrency: int = 20  # Postfix's default_destination_concurrency_limit
     probe_interval: float = 5.0
     mx_port: int = DEFAULT_PORT
     timeout: float = 300.0

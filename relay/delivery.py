@@ -49,6 +49,7 @@ log = logging.getLogger("relay.delivery")
 
 OPERATOR_BOUNCE = "550 5.0.0 Message bounced by the postmaster"
 ROUTE_CACHE_SECONDS = 30.0
+REFILL_AT = 200  # messages still waiting for a destination's sessions when the next are fetched
 RAMP_START = 2  # sessions to a destination that just came back
 RAMP_STEP = 10  # 2xx replies in a row that earn one more session
 DOWN_AFTER_4XX = 5
@@ -281,6 +282,10 @@ class Scheduler:
         try:
             while not dest.queue.empty() and dest.up is not False:
                 message, recipients = dest.queue.get_nowait()
+                if dest.queue.qsize() == REFILL_AT:
+                    # Running low while the destination takes mail: fetch the next batch now
+                    # rather than at the next poll, so that a drain never waits on the clock.
+                    self.wake.set()
                 try:
                     if session is None:
                         session, hop = await self._connect_for(dest)
