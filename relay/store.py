@@ -27,11 +27,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import sqlite_utils
-
-from relay.metrics import QueueSnapshot
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +69,21 @@ def new_queue_id(now: float | None = None) -> str:
         draw, digit = divmod(draw, base)
         suffix += _CROCKFORD[digit]
     return stamp + suffix
+
+
+# Store.listing's rows: (id, sender, size, received_at, state) and
+# (message_id, address, state, attempts, last_reply, next_attempt_at).
+ListingMessage = tuple[str, str, int, float, str]
+ListingRecipient = tuple[str, str, str, int, str | None, float]  # message_id first
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What the queue gauges show (relay.metrics), computed here in one read transaction."""
+
+    messages_by_state: dict[str, int]
+    recipients_by_domain: dict[str, int]
+    oldest_age_by_domain: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -291,13 +305,18 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(db: sqlite_utils.Database) -> None:
-    version = db.execute("PRAGMA user_version").fetchone()[0]
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StorageError(
             f"queue schema version {version} is newer than this relay understands "
             f"({SCHEMA_VERSION}): upgrade relay"
         )
+    if version == SCHEMA_VERSION:
+        return  # the usual case: no sqlite-utils needed, and every `relay queue` opens a Store
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn)
     for number in range(version, SCHEMA_VERSION):
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -335,8 +354,7 @@ class Store:
         except OSError as exc:
             raise StorageError(f"cannot open queue {path}: {exc.strerror or exc}") from exc
         try:
-            self.db = sqlite_utils.Database(self.conn)
-            _migrate(self.db)
+            _migrate(self.conn)
         except sqlite3.Error as exc:
             self.conn.close()
             raise StorageError(f"cannot open queue {path}: {exc}") from exc
@@ -466,6 +484,29 @@ class Store:
     @_translated
     def list_messages(self) -> list[MessageRow]:
         return self._messages("", (), attempts=False)
+
+    @_translated
+    def listing(self) -> tuple[list[ListingMessage], dict[str, list[ListingRecipient]]]:
+        """Every message in arrival order, and each one's recipients, for `relay queue`.
+
+        Plain rows from two scans, no MessageRow objects: building those for a 100,000-message
+        queue took two seconds, and an operator lists the queue in the middle of an outage,
+        exactly when it is long. (One JOIN sorted by arrival costs more than the two scans.)
+        """
+        messages: list[ListingMessage] = self.conn.execute(
+            "SELECT id, sender, size, received_at, state FROM messages ORDER BY received_at, id"
+        ).fetchall()
+        recipients: dict[str, list[ListingRecipient]] = {}
+        for row in self.conn.execute(
+            "SELECT message_id, address, state, attempts, last_reply, next_attempt_at"
+            " FROM recipients ORDER BY rowid"
+        ):
+            held = recipients.get(row[0])
+            if held is None:
+                recipients[row[0]] = [row]
+            else:
+                held.append(row)
+        return messages, recipients
 
     @_translated
     def get(self, message_id: str, *, attempts: bool = True) -> MessageRow | None:

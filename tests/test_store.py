@@ -162,7 +162,7 @@ def test_queue_ids_sort_by_arrival_and_do_not_collide() -> None:
 
 def test_a_new_queue_has_the_current_schema_version(db: Store) -> None:
     assert db.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert set(db.db.table_names()) >= {
+    assert set(sqlite_utils.Database(db.conn).table_names()) >= {
         "messages",
         "bodies",
         "recipients",
@@ -196,7 +196,7 @@ def test_an_old_queue_is_migrated_and_keeps_its_mail(tmp_path: Path) -> None:
 
     with open_store(path) as store:
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert "destinations" in store.db.table_names()
+        assert "destinations" in sqlite_utils.Database(store.conn).table_names()
         row = store.get("OLD")
         assert row is not None and row.recipients[0].attempts == 3
         assert store.body("OLD") == b"\x00\xff\r\n"
