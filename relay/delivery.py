@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -145,6 +145,20 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.poll_interval)
             self.wake.clear()
+
+    def accepted(self, domains: Iterable[str]) -> None:
+        """New mail for `domains`: try it at once, unless every one of them is known down.
+
+        Mail for a destination that is down is deferred by the next poll (within a second),
+        together with whatever else arrived meanwhile, rather than one scheduler pass per
+        message; its probe owns the recovery, which makes all of it due at once.
+        """
+        destinations = self.destinations
+        for domain in domains:
+            dest = destinations.get(domain)
+            if dest is None or dest.up is not False:
+                self.wake.set()
+                return
 
     async def stop(self) -> None:
         self._stopping = True

@@ -238,7 +238,7 @@ class Relay:
 
     def _accepted(self, message: NewMessage) -> None:
         if self.scheduler is not None:
-            self.scheduler.wake.set()  # the primary may well be up: try at once
+            self.scheduler.accepted({r.domain for r in message.recipients})
 
     def _protocol(self) -> RelaySMTP:
         cfg = self.config

@@ -228,6 +228,28 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(
         assert 60.0 <= delay <= 600.0
 
 
+async def test_new_mail_wakes_the_scheduler_unless_its_destination_is_known_down(
+    harness: Harness, fake_primary: Start
+) -> None:
+    """While the primary is down, each accepted message must not cost a scheduler pass: the
+    next poll defers all of them together, and the probe owns the recovery."""
+    port = unused_port("127.0.0.3")
+    harness.configure([f"127.0.0.3:{port}"], retry={"min": "1h", "max": "4h"})
+    scheduler = harness.scheduler
+    assert scheduler is not None
+    scheduler.accepted(["example.test"])  # never tried: worth a try at once
+    assert scheduler.wake.is_set()
+
+    await harness.put(["bob@example.test"])
+    await harness.run()  # refused: the destination is now known down
+    assert scheduler.destinations["example.test"].up is False
+    scheduler.wake.clear()
+    scheduler.accepted(["example.test"])
+    assert not scheduler.wake.is_set()
+    scheduler.accepted(["example.test", "other.test"])  # one recipient may go elsewhere
+    assert scheduler.wake.is_set()
+
+
 async def test_unreachable_primary_defers_and_the_probe_delivers_on_recovery(
     harness: Harness, fake_primary: Start
 ) -> None:
