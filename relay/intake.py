@@ -704,7 +704,7 @@ def received_header(
     tls: str | None,
 ) -> bytes:
     """The RFC 5321 4.4 trace header, folded, as bytes to prepend to the message."""
-    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    date = _rfc5322_date(int(when))
     lines = [f"Received: from {_clean(helo)} ([{client_ip}])"]
     lines.append(f"\tby {hostname} (relay) with {protocol} id {queue_id}")
     if tls:
@@ -714,6 +714,12 @@ def received_header(
     else:
         lines[-1] += f"; {date}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(second: int) -> str:
+    """The trace header's date, formatted once a second rather than once a message."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 def _valid_utf8(text: str) -> bool:
