@@ -10,6 +10,7 @@ import asyncio
 import email
 import email.policy
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from relay import config as config_module
-from relay import metrics
+from relay import delivery, metrics
 from relay.delivery import OPERATOR_BOUNCE, Scheduler, backoff
 from relay.mx import Router
 from relay.store import FAILED, HELD, QUEUED, AsyncStore, NewMessage, NewRecipient, Store
@@ -137,6 +138,30 @@ async def test_queued_mail_reaches_the_primary_byte_for_byte(
     assert [t.data for t in fake.delivered] == [body]
     assert fake.delivered[0].mail_from == "alice@sender.test"
     assert _message_ids(harness.rows()) == set()
+
+
+async def test_sessions_fetch_more_work_before_they_run_dry_not_at_the_next_poll(
+    harness: Harness, fake_primary: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain must not stall between batches waiting for the poll timer."""
+    monkeypatch.setattr(delivery, "REFILL_AT", 1)
+    fake = await fake_primary()
+    harness.configure([f"{fake.address}:{fake.port}"])
+    scheduler = harness.scheduler
+    assert scheduler is not None
+    scheduler.batch = 2  # five messages take three batches
+    scheduler.poll_interval = 3600.0  # only a wake can fetch the next batch in time
+    for _ in range(5):
+        await harness.put(["bob@example.test"])
+    running = asyncio.create_task(scheduler.run())
+    try:
+        deadline = time.monotonic() + 15
+        while len(fake.delivered) < 5:
+            assert time.monotonic() < deadline, f"{len(fake.delivered)} of 5 delivered"
+            await asyncio.sleep(0.02)
+    finally:
+        await scheduler.stop()
+        await running
 
 
 async def test_several_messages_share_one_session(harness: Harness, fake_primary: Start) -> None:
