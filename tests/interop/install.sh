@@ -2,8 +2,9 @@
 # Installs the real mail servers and tools the interop suite (tests/interop/) talks to, from
 # Debian's packages. Idempotent: a second run installs nothing and takes a second.
 #
-# - postfix (sendmail, postfix, smtp-sink), swaks, dnsmasq-base: installed normally. A policy-rc.d
-#   keeps apt from starting the system Postfix on port 25: the tests run private instances only.
+# - postfix (sendmail, postfix, smtp-sink), swaks with Net::SSLeay, dnsmasq-base: installed
+#   normally. A policy-rc.d keeps apt from starting the system Postfix on port 25: the tests run
+#   private instances only.
 # - Exim and OpenSMTPD cannot be installed beside Postfix (all three provide
 #   mail-transport-agent, so installing one removes the others). Their packages are downloaded
 #   and unpacked with `dpkg -x` under $RELAY_INTEROP_ROOT (default /opt/relay-interop); the tests
@@ -16,7 +17,9 @@
 set -euo pipefail
 
 root=${RELAY_INTEROP_ROOT:-/opt/relay-interop}
-packages=(postfix swaks dnsmasq-base)
+# libnet-ssleay-perl is only a Recommends of swaks, which --no-install-recommends skips; without
+# it swaks exits with "TLS not available" and the STARTTLS scenarios cannot run.
+packages=(postfix swaks libnet-ssleay-perl dnsmasq-base)
 # Exim's and OpenSMTPD's shared libraries (their packages' Depends, less the MTA packages).
 libraries=(libdb5.3 libevent-2.1-7 libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libnsl2
     libpcre2-8-0 libssl3 libcrypt1 zlib1g libpam0g)
