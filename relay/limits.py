@@ -115,23 +115,12 @@ class Limits:
     ) -> None:
         self.get_config = get_config
         self.clock = clock
-        self.free_space = free_space or self._recent_disk_free
-        self._free: int | None = None
-        self._free_checked_at = float("-inf")
+        self.free_space = free_space or (lambda: disk_free(self.get_config().queue.path))
         self.connections = 0
         self.per_client: collections.Counter[str] = collections.Counter()
         self.inflight_bytes = 0
         self._recent: dict[str, collections.deque[float]] = {}
         self._checks = 0
-
-    def _recent_disk_free(self) -> int | None:
-        """disk_free at most once a second: it is asked at every MAIL, and one second of mail
-        is far less than any sensible queue.min_free_space (1 GiB by default)."""
-        now = time.monotonic()
-        if now - self._free_checked_at >= 1.0:
-            self._free = disk_free(self.get_config().queue.path)
-            self._free_checked_at = now
-        return self._free
 
     # -- connections --------------------------------------------------------------------------
 
