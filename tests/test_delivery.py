@@ -10,7 +10,6 @@ import asyncio
 import email
 import email.policy
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from relay.store import FAILED, HELD, QUEUED, AsyncStore, NewMessage, NewRecipie
 from tests.conftest import LOCAL_DNS
 from tests.dnsserver import DnsServer, dns_server
 from tests.fakeprimary import FakePrimary, fake_primary, unused_port
+from tests.hostile import eventually
 
 __all__ = ["dns_server", "fake_primary"]
 
@@ -155,10 +155,7 @@ async def test_sessions_fetch_more_work_before_they_run_dry_not_at_the_next_poll
         await harness.put(["bob@example.test"])
     running = asyncio.create_task(scheduler.run())
     try:
-        deadline = time.monotonic() + 15
-        while len(fake.delivered) < 5:
-            assert time.monotonic() < deadline, f"{len(fake.delivered)} of 5 delivered"
-            await asyncio.sleep(0.02)
+        await eventually(lambda: len(fake.delivered) == 5, "all five delivered")
     finally:
         await scheduler.stop()
         await running
