@@ -20,8 +20,7 @@ from relay import config as config_module
 from relay.config import Config, ConfigError
 from relay.store import (
     HELD,
-    ListingMessage,
-    ListingRecipient,
+    ListingRow,
     MessageRow,
     StorageError,
     Store,
@@ -188,45 +187,64 @@ def message_json(row: MessageRow) -> dict[str, Any]:
     }
 
 
-def _listing(
-    messages: Sequence[ListingMessage], recipients: dict[str, list[ListingRecipient]], now: float
-) -> str:
+def _listing(rows: Sequence[ListingRow], now: float) -> str:
     """A `mailq`-like listing: '!' marks a held message, as in Postfix.
 
-    Built from Store.listing's plain rows: the listing of a queue of 100,000 messages stays
-    under a second (bench/, footprint). Ages repeat (two units at most), so each is formatted
-    once.
+    Built from Store.listing's plain rows, one per recipient: the listing of a queue of
+    100,000 messages takes well under a second of formatting. Ages repeat (two units at most),
+    so each is formatted once.
     """
-    if not messages:
+    if not rows:
         return "Mail queue is empty"
     lines = [f"{'-Queue ID-':<20} {'-Age-':>6} {'-Size-':>9}  -Sender/Recipient-"]
     add = lines.append
     ages: dict[int, str] = {}
     indent, reply_indent = " " * 39, " " * 41
-    count = total = held = 0
-    for message_id, sender, size, received_at, state in messages:
-        is_held = state == HELD
-        held += is_held
-        total += size
-        seconds = int(now - received_at)
-        age = ages.get(seconds) or ages.setdefault(seconds, _age(seconds))
-        add(f"{message_id + ('!' if is_held else ' '):<20} {age:>6} {size:>9}  {sender or '<>'}")
-        for _, address, r_state, attempts, reply, due in recipients.get(message_id, ()):
-            count += 1
-            plural = "" if attempts == 1 else "s"
-            if r_state == "queued" and not is_held and attempts:
-                seconds = int(due - now)
-                wait = ages.get(seconds) or ages.setdefault(seconds, _age(seconds))
-                add(f"{indent}{address}  ({r_state}, {attempts} attempt{plural}, next in {wait})")
-            else:
-                add(f"{indent}{address}  ({r_state}, {attempts} attempt{plural})")
-            if reply and r_state != "delivered":
-                add(reply_indent + reply)
-        add("")
+    messages = count = total = held = 0
+    current = None
+    is_held = False
+    for (
+        message_id,
+        sender,
+        size,
+        received_at,
+        state,
+        address,
+        r_state,
+        attempts,
+        reply,
+        due,
+    ) in rows:
+        if message_id != current:
+            if current is not None:
+                add("")
+            current = message_id
+            messages += 1
+            is_held = state == HELD
+            held += is_held
+            total += size
+            seconds = int(now - received_at)
+            age = ages.get(seconds) or ages.setdefault(seconds, _age(seconds))
+            add(
+                f"{message_id + ('!' if is_held else ' '):<20} {age:>6} {size:>9}  {sender or '<>'}"
+            )
+        if address is None:
+            continue
+        count += 1
+        plural = "" if attempts == 1 else "s"
+        if r_state == "queued" and not is_held and attempts:
+            seconds = int(due - now)
+            wait = ages.get(seconds) or ages.setdefault(seconds, _age(seconds))
+            add(f"{indent}{address}  ({r_state}, {attempts} attempt{plural}, next in {wait})")
+        else:
+            add(f"{indent}{address}  ({r_state}, {attempts} attempt{plural})")
+        if reply and r_state != "delivered":
+            add(reply_indent + reply)
+    add("")
     kbytes = (total + 1023) // 1024
     held_text = f" ({held} held)" if held else ""
     add(
-        f"-- {kbytes} Kbytes in {len(messages)} message{'s' if len(messages) != 1 else ''}"
+        f"-- {kbytes} Kbytes in {messages} message{'s' if messages != 1 else ''}"
         f"{held_text}, {count} recipient{'s' if count != 1 else ''}."
     )
     return "\n".join(lines)
@@ -250,8 +268,7 @@ def queue(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
         rows = _with_store(config_path, lambda store: store.list_messages())
         click.echo(json.dumps([message_json(r) for r in rows], indent=2, ensure_ascii=False))
     else:
-        messages, recipients = _with_store(config_path, lambda store: store.listing())
-        click.echo(_listing(messages, recipients, time.time()))
+        click.echo(_listing(_with_store(config_path, lambda store: store.listing()), time.time()))
 
 
 def _queue_config(ctx: click.Context, config_path: str | None) -> str | None:
