@@ -75,17 +75,16 @@ def new_queue_id(now: float | None = None) -> str:
     with _id_lock:
         micros = max(micros, _last_id_micros + 1)
         _last_id_micros = micros
-    stamp = ""
-    while micros:
-        micros, digit = divmod(micros, len(_CROCKFORD))
-        stamp = _CROCKFORD[digit] + stamp
-    base = len(_CROCKFORD)
-    draw = _ID_RANDOM.randrange(base**5)
-    suffix = ""
-    for _ in range(5):
-        draw, digit = divmod(draw, base)
-        suffix += _CROCKFORD[digit]
-    return stamp + suffix
+    return _base31(micros) + _base31(_ID_RANDOM.randrange(len(_CROCKFORD) ** 5), width=5)
+
+
+def _base31(number: int, width: int = 0) -> str:
+    """`number` in _CROCKFORD's digits, zero-padded to `width`."""
+    digits = ""
+    while number:
+        number, digit = divmod(number, len(_CROCKFORD))
+        digits = _CROCKFORD[digit] + digits
+    return digits.rjust(width, _CROCKFORD[0])
 
 
 # Store.listing's rows: the message's (id, sender, size, received_at, state), then one
@@ -785,11 +784,6 @@ class Store:
             self.set_state(message_id, QUEUED)
 
         return self._operate(ids, mark)
-
-    def free_space(self) -> int:
-        """Bytes free for unprivileged writers on the queue's filesystem."""
-        stats = os.statvfs(Path(self.path).resolve().parent)
-        return stats.f_bavail * stats.f_frsize
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
