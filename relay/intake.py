@@ -327,8 +327,7 @@ class RelaySMTP(SMTP):
                 # the original bytes recoverable, as in aiosmtpd.
                 arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
                 if len(line) > self.command_size_limit:
-                    await self.push(Reply.LINE_TOO_LONG)
-                    metrics.messages_rejected.labels("line_too_long").inc()
+                    await self._line_too_long()
                     continue
                 if not self._tls_handshake_okay and command != "QUIT":
                     await self.push("554 Command refused due to lack of security")
@@ -363,6 +362,9 @@ class RelaySMTP(SMTP):
                 break
             except asyncio.LimitOverrunError as error:
                 await self._reader.read(error.consumed)
+        await self._line_too_long()
+
+    async def _line_too_long(self) -> None:
         metrics.messages_rejected.labels("line_too_long").inc()
         await self.push(Reply.LINE_TOO_LONG)
 
