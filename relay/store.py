@@ -307,18 +307,34 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 def _connect(path: str) -> sqlite3.Connection:
     """Opens the queue with the durability settings every connection must share."""
     target = Path(path)
-    if str(path) != ":memory:":
+    creating = str(path) != ":memory:" and not target.exists()
+    if creating:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Create the file ourselves so it is 0600 from its first byte; SQLite gives the -wal and
-        # -shm files the same mode as the database.
-        os.close(os.open(target, os.O_RDWR | os.O_CREAT, 0o600))
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    if creating:
+        _restrict_new_file(conn, target)
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: every commit fsyncs the WAL before returning, which is what lets us say 250.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+def _restrict_new_file(conn: sqlite3.Connection, target: Path) -> None:
+    """Makes a new queue file 0600 before it holds a byte of mail, through SQLite alone.
+
+    The file is never opened here with `os.open`: closing *any* descriptor of a database file
+    drops every POSIX lock the process holds on it, SQLite's included (sqlite.org, "How To
+    Corrupt An SQLite Database File", 2.2). In a server whose metrics reader opens a second
+    connection next to the writer's, that made the next process to close its connection believe
+    it was the last one: it checkpointed and unlinked the WAL the server was still appending to,
+    and every 250 after that was lost at the next crash. So: SQLite creates the file (a read of
+    the header does it, in the default rollback mode, before any -wal or -shm exists), and the
+    mode is set by path; the -wal and -shm files SQLite makes later copy the database's mode.
+    """
+    conn.execute("PRAGMA schema_version").fetchone()
+    os.chmod(target, 0o600)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

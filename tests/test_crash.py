@@ -10,6 +10,7 @@ Done several times over the same queue, so later rounds also prove recovery from
 from __future__ import annotations
 
 import functools
+import re
 import smtplib
 import threading
 from collections.abc import Callable
@@ -18,7 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DOMAIN, RelayProcess, open_store, wait_for, write_config
+from tests.conftest import (
+    DOMAIN,
+    RelayProcess,
+    open_store,
+    run_relay,
+    sample,
+    scrape,
+    send_mail,
+    wait_for,
+    write_config,
+)
 
 ROUNDS = 5
 SENDERS = 6
@@ -149,3 +160,39 @@ def test_sigkill_mid_stream_loses_no_acknowledged_message(
     check_queue(queue, ledger)
     assert server.stop() == 0
     assert len(ledger) >= ROUNDS * PER_ROUND
+
+
+def _metrics_address(server: RelayProcess) -> str:
+    """The metrics URL the real server logged (the test config binds port 0)."""
+    match = re.search(r"metrics on (http://\S+?)/metrics", server.log())
+    assert match, f"no metrics address in the log:\n{server.log()}"
+    return match.group(1)
+
+
+def test_scrape_and_cli_read_keep_the_server_on_its_own_wal(
+    tmp_path: Path, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Issue 12's reproduction: a scrape, then `relay queue`, then SIGKILL loses nothing.
+
+    The scrape opens a second queue connection inside the server. Opening and closing a
+    descriptor of the queue file outside SQLite there dropped the server's POSIX locks, so the
+    CLI's close believed it was the last connection, checkpointed and unlinked the WAL the
+    server kept writing to: what was acknowledged afterwards vanished at restart.
+    """
+    config = write_config(tmp_path)
+    queue = tmp_path / "queue" / "queue.db"
+    server = relay_process(config)
+    assert server.address is not None
+    ids = [send_mail(server.address, [f"first@{DOMAIN}"])]
+    samples = scrape(_metrics_address(server) + "/metrics")
+    assert sample(samples, "relay_queue_messages", state="queued") == 1
+    listing = run_relay("queue", "--config", str(config))
+    assert listing.returncode == 0 and ids[0] in listing.stdout.decode(), listing
+    ids += [send_mail(server.address, [f"later{n}@{DOMAIN}"]) for n in range(2)]
+    wal = Path(str(queue) + "-wal")
+    assert wal.exists(), "the server's WAL was unlinked under it"
+    server.kill()
+    server.start()
+    with open_store(queue) as store:
+        missing = [queue_id for queue_id in ids if store.get(queue_id, attempts=False) is None]
+    assert not missing, f"acknowledged and lost: {missing}"
