@@ -41,6 +41,7 @@ from relay.store import (
     NewRecipient,
     Outcome,
     RecipientRow,
+    StorageError,
     Store,
     new_queue_id,
 )
@@ -128,6 +129,18 @@ class Scheduler:
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self._writes: set[asyncio.Task[None]] = set()
+        # Outcomes the queue could not record (disk full, I/O error): kept here, their messages
+        # pinned in flight, and written again before any new attempt. Until then nothing is
+        # delivered, so a storage fault costs at most one extra copy, never a loop of them.
+        self._unrecorded: list[_Unrecorded] = []
+
+    @property
+    def blocked(self) -> str | None:
+        """Why delivery is stopped (outcomes not yet recorded), for /healthz; None if it runs."""
+        if not self._unrecorded:
+            return None
+        count = sum(len(u.message_ids) for u in self._unrecorded)
+        return f"delivery stopped: outcomes of {_plural(count, 'message')} not yet recorded"
 
     @property
     def config(self) -> Config:
@@ -140,6 +153,8 @@ class Scheduler:
         while not self._stopping:
             try:
                 await self.tick()
+            except StorageError as exc:
+                log.warning("delivery: queue not readable: %s", exc)
             except Exception:
                 log.exception("delivery loop error; retrying")
             with contextlib.suppress(TimeoutError):
@@ -183,6 +198,8 @@ class Scheduler:
         return self.destinations[name]
 
     async def tick(self) -> None:
+        if not await self._record_unrecorded():
+            return  # the queue still refuses the kept outcomes: deliver nothing new
         now = self.clock()
         due = await self.store.run(lambda s: s.due(now, self.batch, exclude=self.inflight))
         work: dict[str, list[tuple[MessageRow, tuple[RecipientRow, ...]]]] = defaultdict(list)
@@ -294,7 +311,7 @@ class Scheduler:
         session: Session | None = None
         hop: Hop | None = None
         try:
-            while not dest.queue.empty() and dest.up is not False:
+            while not dest.queue.empty() and dest.up is not False and not self._unrecorded:
                 message, recipients = dest.queue.get_nowait()
                 if dest.queue.qsize() == REFILL_AT:
                     # Running low while the destination takes mail: fetch the next batch now
@@ -307,6 +324,9 @@ class Scheduler:
                 except _RouteFailed as failed:
                     await self._fail_route(dest, message, recipients, failed)
                     session = None
+                except StorageError as exc:
+                    # Reading the body failed: nothing was sent; the message is due again.
+                    log.warning("%s: queue not readable: %s", message.id, exc)
                 except SessionError as exc:
                     await self._session_broke(dest, message, recipients, exc, hop)
                     with contextlib.suppress(Exception):
@@ -320,6 +340,18 @@ class Scheduler:
                 await session.close()
             if dest.up is False:
                 await self._defer_queued(dest)
+            elif self._unrecorded:
+                self._drop_queued(dest)
+
+    def _drop_queued(self, dest: Destination) -> None:
+        """Recording is failing: what waits for a session goes back to the queue, untried.
+
+        Nothing was sent for it, so nothing needs writing; it is due again once the queue
+        takes writes and the pending outcomes are recorded.
+        """
+        while not dest.queue.empty():
+            message, _ = dest.queue.get_nowait()
+            self._release(message.id)
 
     async def _connect_for(self, dest: Destination) -> tuple[Session, Hop]:
         try:
@@ -473,9 +505,15 @@ class Scheduler:
     def _persist(self, dest: Destination) -> None:
         """Saves the up/down change for `relay status`; never blocks a delivery on it."""
         state = DestinationState(dest.name, dest.up, dest.since, dest.last_error, dest.last_success)
-        task = asyncio.create_task(self.store.run(lambda s: s.save_destination(state)))
+        task = asyncio.create_task(self._save_destination(state))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+
+    async def _save_destination(self, state: DestinationState) -> None:
+        try:
+            await self.store.run(lambda s: s.save_destination(state))
+        except StorageError as exc:
+            log.warning("%s: could not save the destination's state: %s", state.domain, exc)
 
     def _ensure_probe(self, domain: str) -> None:
         task = self._probes.get(domain)
@@ -497,10 +535,17 @@ class Scheduler:
             now = self.clock()
             dest.flushed_at = now
             self._mark_up(dest, now)
-            count = await self.store.run(
-                functools.partial(Store.reschedule, domain=domain, when=now)
-            )
-            log.info("%s: primary answers again; %d recipients due now", domain, count)
+            try:
+                count = await self.store.run(
+                    functools.partial(Store.reschedule, domain=domain, when=now)
+                )
+            except StorageError as exc:
+                # The flush stays in memory (flushed_at): deferrals decided before it come due
+                # at once when they are written, and the next poll finds what is due.
+                log.warning("%s: primary answers again; queue not writable: %s", domain, exc)
+            else:
+                due = _plural(count, "recipient")
+                log.info("%s: primary answers again; %s due now", domain, due)
             self.wake.set()
 
     async def _probe_hops(self, hops: Sequence[Hop]) -> Reply:
@@ -615,12 +660,52 @@ class Scheduler:
                 store.mark_warned(message_id)
             return [store.record(message.id, outcomes) for message, outcomes, *_ in plans]
 
-        done = await self.store.run(write)
-        for (message, outcomes, *_), removed in zip(plans, done, strict=True):
-            self._log_outcomes(message, outcomes, removed)
-        if notices:
-            metrics.bounces.inc(len(notices))
-            self.wake.set()
+        def after(done: list[bool]) -> None:
+            for (message, outcomes, *_), removed in zip(plans, done, strict=True):
+                self._log_outcomes(message, outcomes, removed)
+            if notices:
+                metrics.bounces.inc(len(notices))
+                self.wake.set()
+
+        pending = _Unrecorded(write, after, tuple(p[0].id for p in plans))
+        try:
+            done = await self.store.run(write)
+        except StorageError as exc:
+            if notices or warned or any(o.state != QUEUED for p in plans for o in p[1]):
+                self._keep_unrecorded(pending, exc)
+            else:
+                # Only deferrals: nothing was sent and no DSN made, so losing the write costs
+                # no copy; the mail is simply due again at its old time.
+                log.warning("deferral not recorded: %s", exc)
+            return
+        after(done)
+
+    def _keep_unrecorded(self, pending: _Unrecorded, exc: StorageError) -> None:
+        if not self._unrecorded:
+            log.error(
+                "queue write failed, delivery stopped until it can be written: %s"
+                " (outcomes kept in memory, written before any new attempt)",
+                exc,
+            )
+        for message_id in pending.message_ids:
+            self.inflight[message_id] += 1  # never due again until its outcome is written
+        self._unrecorded.append(pending)
+
+    async def _record_unrecorded(self) -> bool:
+        """Writes the outcomes a storage fault left in memory; True once none is left."""
+        while self._unrecorded:
+            pending = self._unrecorded[0]
+            try:
+                done = await self.store.run(pending.write)
+            except StorageError:
+                return False
+            self._unrecorded.pop(0)
+            for message_id in pending.message_ids:
+                self._release(message_id)
+            pending.after(done)
+            if not self._unrecorded:
+                log.info("queue writable again: pending outcomes recorded, delivery resumes")
+        return True
 
     @staticmethod
     def _log_outcomes(message: MessageRow, outcomes: Sequence[Outcome], removed: bool) -> None:
@@ -720,6 +805,19 @@ class Scheduler:
             smtputf8=not message.sender.isascii(),
             eightbit=not data.isascii(),
         )
+
+
+@dataclass(frozen=True)
+class _Unrecorded:
+    """One outcome write the queue refused, with what to do once it succeeds."""
+
+    write: Callable[[Store], list[bool]]
+    after: Callable[[list[bool]], None]
+    message_ids: tuple[str, ...]
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class _RouteFailed(Exception):

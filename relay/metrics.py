@@ -56,6 +56,11 @@ bounces_suppressed = Counter(
     "DSNs not sent because the original sender was the null reverse-path (RFC 5321 4.5.5).",
     registry=REGISTRY,
 )
+queue_write_errors = Counter(
+    "relay_queue_write_errors",
+    "Queue writes that failed for the disk or the file (full, I/O error, read-only).",
+    registry=REGISTRY,
+)
 routing_failures = Counter(
     "relay_routing_failures",
     "Routing lookups that found no usable next hop, by kind (e.g. no_preferred_mx).",

@@ -152,7 +152,8 @@ class MetricsServer:
     """
 
     store_path: str
-    healthy: Callable[[], bool]
+    # Why the relay cannot be trusted with mail right now; /healthz is 200 only when empty.
+    problems: Callable[[], list[str]]
     _reader: Store | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -173,9 +174,10 @@ class MetricsServer:
                 body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)
                 status, ctype = "200 OK", CONTENT_TYPE_LATEST
             elif path == "/healthz":
-                ok = self.healthy()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                body, ctype = (b"ok\n" if ok else b"not serving\n"), "text/plain"
+                problems = self.problems()
+                status = "503 Service Unavailable" if problems else "200 OK"
+                text = "".join(f"{problem}\n" for problem in problems) or "ok\n"
+                body, ctype = text.encode(), "text/plain; charset=utf-8"
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
             head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
@@ -206,7 +208,9 @@ class Relay:
     def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = cfg
         self.clock = clock
-        self.store = AsyncStore(cfg.queue.path, clock)
+        self.store = AsyncStore(
+            cfg.queue.path, clock, on_write_error=metrics.queue_write_errors.inc
+        )
         self.limits = Limits(lambda: self.config)
         self.policy = RecipientPolicy(
             lambda: self.config, store=self.store, destinations=self._destination, clock=clock
@@ -219,7 +223,7 @@ class Relay:
             limits=self.limits,
             policy=self.policy,
         )
-        self.metrics_server = MetricsServer(cfg.queue.path, healthy=self._serving)
+        self.metrics_server = MetricsServer(cfg.queue.path, problems=self._problems)
         self._collector = metrics.QueueCollector(
             self.metrics_server.snapshot, [d.name for d in cfg.domains]
         )
@@ -230,8 +234,12 @@ class Relay:
         self.scheduler: Scheduler | None = None
         self._delivery_task: asyncio.Task[None] | None = None
 
-    def _serving(self) -> bool:
-        return bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
+    def _problems(self) -> list[str]:
+        serving = bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
+        found = [] if serving else ["not serving SMTP"]
+        found += self.store.problems()
+        blocked = self.scheduler.blocked if self.scheduler is not None else None
+        return found + ([blocked] if blocked else [])
 
     def _destination(self, domain: str) -> DestinationView | None:
         return self.scheduler.destinations.get(domain) if self.scheduler is not None else None

@@ -811,6 +811,27 @@ def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
 class _Job:
     work: Callable[[Store], Any]
     future: Future[Any] = field(default_factory=Future)
+    # A job whose success becomes a 250 to a client: refused once the queue file is gone.
+    acknowledges: bool = False
+
+
+def _is_storage_fault(exc: BaseException) -> bool:
+    """A failure of the disk or the file (full, I/O error, read-only), not of our own SQL."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.ProgrammingError
+    )
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file `path` names now; None when no file is there.
+
+    os.stat on the path, never a descriptor: closing one would drop SQLite's locks.
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 class AsyncStore:
@@ -825,9 +846,20 @@ class AsyncStore:
 
     MAX_BATCH = 256
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: str,
+        clock: Callable[[], float] = time.time,
+        on_write_error: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
         self.clock = clock
+        self.on_write_error = on_write_error
+        # The last write fault (disk full, I/O error, read-only), until a commit succeeds again.
+        self.write_fault: str | None = None
+        # Set for good once the queue file was deleted or replaced under the running server.
+        self.detached: str | None = None
+        self._identity: tuple[int, int] | None = None
         self._jobs: stdlib_queue.SimpleQueue[_Job | None] = stdlib_queue.SimpleQueue()
         self._ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name="relay-store", daemon=True)
@@ -841,7 +873,17 @@ class AsyncStore:
         return await asyncio.wrap_future(job.future)
 
     async def put(self, message: NewMessage) -> None:
-        await self.run(lambda store: store.insert(message))
+        """Queues a message; returns once it is durable (the caller may then say 250)."""
+        job = _Job(lambda store: store.insert(message), acknowledges=True)
+        self._jobs.put(job)
+        await asyncio.wrap_future(job.future)
+
+    def problems(self) -> list[str]:
+        """Why the queue cannot be trusted right now (for /healthz); empty when it can."""
+        found = [self.detached] if self.detached else []
+        if self.write_fault:
+            found.append(f"queue write failed: {self.write_fault}")
+        return found
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -853,6 +895,8 @@ class AsyncStore:
         except StorageError as exc:
             self._ready.set_exception(exc)
             return
+        if self.path != ":memory:":
+            self._identity = _file_identity(self.path)
         self._ready.set_result(None)
         try:
             while (job := self._jobs.get()) is not None:
@@ -870,25 +914,53 @@ class AsyncStore:
                 # the job. Once running, a job can no longer be cancelled, so its result is
                 # always set: cancelling a done future here used to kill this thread.
                 batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
+                batch = self._refuse_if_detached(batch)
                 if batch:
                     self._commit_or_fail(store, batch)
         finally:
             store.close()
 
-    @classmethod
-    def _commit_or_fail(cls, store: Store, batch: list[_Job]) -> None:
+    def _refuse_if_detached(self, batch: list[_Job]) -> list[_Job]:
+        """Fails the jobs that would become a 250 once the queue file is no longer at its path.
+
+        After `rm queue.db*` (or a file copied over it) SQLite keeps writing to the unlinked
+        file, and everything acknowledged since would vanish at the next start. Checked before
+        every group commit: one stat of the path. Deliveries of the mail already in the open
+        file go on (it is the only copy left); new mail gets 451 until a restart.
+        """
+        if self._identity is None:
+            return batch
+        if self.detached is None and _file_identity(self.path) != self._identity:
+            self.detached = f"queue file {self.path} was deleted or replaced while in use"
+            log.error("%s: refusing new mail until relay is restarted", self.detached)
+        if self.detached is None:
+            return batch
+        kept = []
+        for job in batch:
+            if job.acknowledges:
+                job.future.set_exception(StorageError(self.detached))
+            else:
+                kept.append(job)
+        return kept
+
+    def _fault(self, exc: BaseException) -> None:
+        if self.on_write_error is not None:
+            self.on_write_error()
+        self.write_fault = str(exc)
+
+    def _commit_or_fail(self, store: Store, batch: list[_Job]) -> None:
         """Any surprise fails this batch's callers and keeps the writer (the queue) alive."""
         try:
-            cls._commit(store, batch)
+            self._commit(store, batch)
         except Exception as exc:
             log.exception("queue writer error")
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(StorageError(f"queue writer error: {exc}"))
 
-    @staticmethod
-    def _commit(store: Store, batch: list[_Job]) -> None:
+    def _commit(self, store: Store, batch: list[_Job]) -> None:
         results: list[tuple[_Job, bool, Any]] = []
+        faulted = False
         conn = store.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -900,12 +972,16 @@ class AsyncStore:
                 except Exception as exc:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
+                    if _is_storage_fault(exc):
+                        self._fault(exc)
+                        faulted = True
                     if isinstance(exc, sqlite3.Error):
                         exc = StorageError(str(exc))
                     results.append((job, False, exc))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("queue commit failed: %s", exc)
+            self._fault(exc)
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
@@ -915,6 +991,8 @@ class AsyncStore:
                 if not job.future.done():
                     job.future.set_exception(StorageError(str(exc)))
             return
+        if not faulted:
+            self.write_fault = None
         for job, ok, value in results:
             if ok:
                 job.future.set_result(value)

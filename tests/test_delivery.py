@@ -10,6 +10,7 @@ import asyncio
 import email
 import email.policy
 import random
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -550,3 +551,41 @@ async def test_delay_warning_is_sent_once_after_warn_after(
     text = next(iter(seen.values())).decode()
     assert "Action: delayed" in text
     assert "Delayed Mail" in text
+
+
+async def test_an_io_error_recording_outcomes_stops_delivery_until_they_are_written(
+    harness: Harness, fake_primary: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO cannot be made on demand with a real disk here: the error is injected at the SQLite
+    layer, inside the real writer thread's transaction, where a failing disk would raise it."""
+    fake = await fake_primary()
+    harness.configure([f"{fake.address}:{fake.port}"])
+    scheduler = harness.scheduler
+    assert scheduler is not None
+    ids = [await harness.put([f"user{n}@example.test"]) for n in range(3)]
+    failing = True
+    record = Store.record
+
+    def record_or_fail(store: Store, message_id: str, outcomes: Any) -> bool:
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return record(store, message_id, outcomes)
+
+    monkeypatch.setattr(Store, "record", record_or_fail)
+    await harness.run()
+    assert len(fake.delivered) == 1  # the first outcome failed: no second message was sent
+    assert scheduler.blocked == "delivery stopped: outcomes of 1 message not yet recorded"
+    for _ in range(3):  # every later pass retries the bookkeeping, never the delivery
+        harness.clock.now += 3600
+        await harness.run()
+    assert len(fake.delivered) == 1
+    assert harness.store.problems() == ["queue write failed: disk I/O error"]
+    assert _message_ids(harness.rows()) == set(ids)
+
+    failing = False
+    await harness.run()
+    await harness.run()
+    assert scheduler.blocked is None
+    delivered = sorted(t.rcpts[0][0] for t in fake.delivered)
+    assert delivered == [f"user{n}@example.test" for n in range(3)]
+    assert _message_ids(harness.rows()) == set()

@@ -30,13 +30,15 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DOMAIN, RelayProcess, open_store, wait_for, write_config
+from conftest import DOMAIN, RelayProcess, open_store, sample, scrape, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +61,7 @@ class ScriptedPrimary:
     slow-quit  like normal, but answers QUIT only after `quit_delay` seconds
     """
 
-    def __init__(self, quit_delay: float = 2.0) -> None:
+    def __init__(self, quit_delay: float = 2.0, port: int = 0) -> None:
         self.mode = "normal"
         self.quit_delay = quit_delay
         self.accepted: list[bytes] = []
@@ -77,7 +79,7 @@ class ScriptedPrimary:
             daemon_threads = True
             allow_reuse_address = True
 
-        self.server = Server((PRIMARY_ADDRESS, 0), Handler)
+        self.server = Server((PRIMARY_ADDRESS, port), Handler)
         self.port: int = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -233,8 +235,7 @@ def storage_config(tmp_path: Path, queue_path: Path, **overrides: Any) -> Path:
     return write_config(
         tmp_path,
         queue={"path": str(queue_path), "min_free_space": 0, **overrides.pop("queue", {})},
-        metrics={"listen": ""},
-        **overrides,
+        **{"metrics": {"listen": ""}, **overrides},
     )
 
 
@@ -598,3 +599,137 @@ def test_mail_queued_while_a_session_says_goodbye_to_a_slow_primary_is_still_sen
     assert code == 250, text
     wait_for(lambda: not _queued(queue), "both messages delivered", 30)
     assert primary.tokens() == Counter({"first@client.test": 1, "second@client.test": 1})
+
+
+# -- outcomes that cannot be recorded ---------------------------------------------------------
+
+
+def metrics_base(server: RelayProcess) -> str:
+    match = re.search(r"metrics on (http://\S+?)/metrics", server.log())
+    assert match, server.log()
+    return match.group(1)
+
+
+def healthz(base: str) -> tuple[int, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(base + "/healthz", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@contextlib.contextmanager
+def immutable(*files: Path) -> Iterator[None]:
+    """Writes through open descriptors fail (EPERM), as on a filesystem gone read-only."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is not installed")
+    done = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make the queue files immutable here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+
+
+@contextlib.contextmanager
+def filled(directory: Path) -> Iterator[None]:
+    filler = fill(directory)
+    try:
+        yield
+    finally:
+        filler.unlink()
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_outcomes_the_queue_cannot_record_stop_delivery_instead_of_repeating_it(
+    fault: str, tmp_path: Path, small_fs: Path, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Issue 12: with the primary up and the queue unwritable, mail was sent again every tick.
+
+    Twelve messages wait for a primary that is down; the queue's disk fails; the primary comes
+    back. Each message may reach it once (its outcome cannot be written), and then delivery
+    must stop, say so on /healthz and in relay_queue_write_errors_total, and keep retrying the
+    bookkeeping, never the delivery. Once the disk works, every message is delivered exactly
+    once in all.
+    """
+    queue = (small_fs if fault == "disk full" else tmp_path / "queue") / "queue.db"
+    port = free_port(PRIMARY_ADDRESS)
+    config = write_config(
+        tmp_path,
+        queue={"path": str(queue), "min_free_space": 0},
+        delivery={"probe_interval": "1s", "timeout": "5s"},
+        retry={"min": "1s", "max": "2s"},
+        domain=[{"name": DOMAIN, "primary": [f"{PRIMARY_ADDRESS}:{port}"], "tls": "none"}],
+    )
+    server = relay_process(config)
+    assert server.address is not None
+    base = metrics_base(server)
+    tokens = [f"stuck-{n}@client.test" for n in range(12)]
+    for token in tokens:
+        code, text = try_send(server.address, message(token))
+        assert code == 250, text
+
+    def all_deferred() -> bool:
+        with open_store(queue) as store:
+            rows = store.list_messages()
+        return len(rows) == 12 and all(r.attempts >= 1 for m in rows for r in m.recipients)
+
+    wait_for(all_deferred, "every message deferred while the primary is down")
+    wal = queue.with_name(queue.name + "-wal")
+    broken = filled(small_fs) if fault == "disk full" else immutable(queue, wal)
+    primary: ScriptedPrimary | None = None
+    try:
+        with broken:
+            errors_before = sample(scrape(base + "/metrics"), "relay_queue_write_errors_total")
+            primary = ScriptedPrimary(port=port)
+            wait_for(primary.tokens, "a first delivery with the queue failing", 30)
+
+            def bookkeeping_retried() -> bool:
+                errors = sample(scrape(base + "/metrics"), "relay_queue_write_errors_total")
+                return errors >= errors_before + 4
+
+            # Each poll (1 s) retries the kept outcomes and fails: before the fix, as many
+            # rounds of copies went to the primary.
+            wait_for(bookkeeping_retried, "the kept outcomes retried and failing", 30)
+            status, text = healthz(base)
+            assert status == 503 and "delivery stopped" in text, (status, text)
+            during = primary.tokens()
+            assert max(during.values()) == 1, during
+            assert "queue write failed, delivery stopped" in server.log()
+        wait_for(lambda: not _queued(queue), "every message delivered once the disk works", 30)
+        assert primary.tokens() == Counter(dict.fromkeys(tokens, 1))
+        wait_for(lambda: healthz(base)[0] == 200, "/healthz healthy again")
+        assert "queue writable again" in server.log()
+    finally:
+        if primary is not None:
+            primary.close()
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_queue_file_deleted_or_replaced_under_the_server_refuses_new_mail(
+    change: str, tmp_path: Path, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Issue 12: after `rm queue.db*` the relay went on saying 250 into an unlinked file."""
+    queue = tmp_path / "queue" / "queue.db"
+    server = relay_process(storage_config(tmp_path, queue, metrics={"listen": "127.0.0.1:0"}))
+    assert server.address is not None
+    base = metrics_base(server)
+    code, text = try_send(server.address, message("before@client.test"))
+    assert code == 250, text
+    if change == "deleted":
+        for path in queue.parent.glob("queue.db*"):
+            path.unlink()
+    else:
+        stranger = tmp_path / "restored.db"
+        sqlite3.connect(stranger).close()
+        os.replace(stranger, queue)
+
+    code, text = try_send(server.address, message("after@client.test"))
+    assert (code, text) == (451, "4.3.0 Error: queue file write error"), text
+    status, body = healthz(base)
+    assert status == 503 and f"queue file {queue} was deleted or replaced" in body, body
+    assert "refusing new mail until relay is restarted" in server.log()
+    # Still refused: it is not a passing fault.
+    assert try_send(server.address, message("again@client.test"))[0] == 451
