@@ -26,6 +26,7 @@ from relay.store import (
     Store,
     UnknownMessage,
 )
+from relay.words import plural, summarize
 
 T = TypeVar("T")
 
@@ -102,15 +103,22 @@ def root_refused(euid: int, allow_root: bool, env_value: str) -> bool:
 
 @main.command("check-config")
 @config_option
-def check_config(config_path: str | None) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="List every configured domain, not a summary.")
+def check_config(config_path: str | None, verbose: bool) -> None:
     """Validate a configuration file: exit 0, or 2 with one line per problem."""
     cfg, chosen = _load_config(config_path)
-    domains = ", ".join(d.name for d in cfg.domains)
-    click.echo(f"{chosen}: ok (hostname {cfg.hostname}; domains: {domains})")
+    names = [d.name for d in cfg.domains]
+    domains = (
+        f"{plural(len(names), 'domain')}: {', '.join(names)}"
+        if verbose
+        else summarize(names, "domain")
+    )
+    click.echo(f"{chosen}: ok (hostname {cfg.hostname}; {domains})")
 
 
-def _open_store(config_path: str | None) -> Store:
-    cfg, _ = _load_config(config_path)
+def _open_store(config_path: str | None, cfg: Config | None = None) -> Store:
+    if cfg is None:
+        cfg, _ = _load_config(config_path)
     if not os.path.exists(cfg.queue.path):
         # Not there yet means empty. Creating it here would leave a queue owned by whoever ran
         # the command (root, typically), which the server's own user then cannot open.
@@ -121,8 +129,11 @@ def _open_store(config_path: str | None) -> Store:
         _fail(str(exc))
 
 
-def _with_store(config_path: str | None, action: Callable[[Store], T]) -> T:
-    store = _open_store(config_path)
+def _with_store(
+    config_path: str | None, action: Callable[[Store], T], cfg: Config | None = None
+) -> T:
+    """Runs `action` on the queue; pass `cfg` when it is loaded already: loading is not free."""
+    store = _open_store(config_path, cfg)
     try:
         return action(store)
     except UnknownMessage as exc:
@@ -412,7 +423,7 @@ def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]
 def status(config_path: str | None, as_json: bool) -> None:
     """Per domain: queued mail, oldest age, primary up or down since when, last error."""
     cfg, _ = _load_config(config_path)
-    report = _with_store(config_path, lambda store: status_report(cfg, store, time.time()))
+    report = _with_store(config_path, lambda store: status_report(cfg, store, time.time()), cfg)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -1,0 +1,27 @@
+"""How the relay counts things in words: one home, so no log or CLI line says "1 recipients"."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Nouns whose plural is not the singular plus "s"; everything else the relay counts is regular.
+_IRREGULAR = {"is": "are", "was": "were", "entry": "entries", "address": "addresses"}
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """`count` and `noun` in agreement, thousands separated: "1 recipient", "10,000 domains"."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count:,} {plural_form or _IRREGULAR.get(noun, noun + 's')}"
+
+
+def summarize(names: Sequence[str], noun: str, shown: int = 5) -> str:
+    """A long list cut to its first few names: "10,000 domains: a, b, … (see --verbose)".
+
+    An operator with thousands of customer domains wants to see that the count is right, not
+    read every name; a short list is printed whole.
+    """
+    head = f"{plural(len(names), noun)}: "
+    if len(names) <= shown * 2:
+        return head + ", ".join(names)
+    return head + ", ".join(names[:shown]) + ", … (see --verbose)"
