@@ -42,6 +42,22 @@ from relay.service import Relay
 from relay.store import Store
 from tests.dnsserver import DnsServer
 
+_FIGURES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collects the figures crash and fault tests record (`record_property("figures", …)`)."""
+    if report.when == "call":
+        _FIGURES.extend(str(value) for name, value in report.user_properties if name == "figures")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Prints those figures once, after the run, instead of in the middle of `-q` dots."""
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Every async test runs on uvloop, the event loop `relay serve` runs on (relay.service)."""
@@ -405,6 +421,11 @@ class RelayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+    def metrics_base(self) -> str | None:
+        """`http://host:port` of the metrics listener the latest start logged, if any."""
+        found = re.findall(r"metrics on (http://\S+?)/metrics", self.log())
+        return found[-1] if found else None
 
     def kill(self) -> None:
         """SIGKILL: the crash no shutdown code gets to see."""

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import socketserver
@@ -38,7 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DOMAIN, RelayProcess, open_store, sample, scrape, wait_for, write_config
+from conftest import (
+    DOMAIN,
+    RelayProcess,
+    open_store,
+    run_relay,
+    sample,
+    scrape,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -298,7 +308,7 @@ def test_sigkill_under_load_with_deliveries_in_flight_loses_no_acknowledged_mess
     tmp_path: Path,
     relay_process: Callable[[Path], RelayProcess],
     primary: ScriptedPrimary,
-    capsys: pytest.CaptureFixture[str],
+    record_property: Callable[[str, object], None],
 ) -> None:
     port = free_port()
     config = write_config(
@@ -350,12 +360,12 @@ def test_sigkill_under_load_with_deliveries_in_flight_loses_no_acknowledged_mess
     lost = sorted(ledger.acked - set(delivered))
     duplicates = sum(count - 1 for count in delivered.values() if count > 1)
     unacked = len(set(delivered) - ledger.acked)
-    with capsys.disabled():
-        print(
-            f"\n[test_faults] seed={seed}: {KILLS} SIGKILLs, {len(ledger)} messages acknowledged,"
-            f" {len(delivered)} distinct delivered, {duplicates} duplicate deliveries,"
-            f" {unacked} delivered without a 250 reaching the client, {len(lost)} lost"
-        )
+    record_property(
+        "figures",
+        f"SIGKILL under load (seed {seed}): {KILLS} kills, {len(ledger)} messages acknowledged,"
+        f" {len(delivered)} distinct delivered, {duplicates} duplicate deliveries,"
+        f" {unacked} delivered without a 250 reaching the client, {len(lost)} lost",
+    )
     assert not lost, f"acknowledged but never delivered (seed {seed}): {lost[:10]}"
     assert len(ledger) >= KILLS
 
@@ -605,9 +615,9 @@ def test_mail_queued_while_a_session_says_goodbye_to_a_slow_primary_is_still_sen
 
 
 def metrics_base(server: RelayProcess) -> str:
-    match = re.search(r"metrics on (http://\S+?)/metrics", server.log())
-    assert match, server.log()
-    return match.group(1)
+    base = server.metrics_base()
+    assert base is not None, server.log()
+    return base
 
 
 def healthz(base: str) -> tuple[int, str]:
@@ -733,3 +743,206 @@ def test_queue_file_deleted_or_replaced_under_the_server_refuses_new_mail(
     assert "refusing new mail until relay is restarted" in server.log()
     # Still refused: it is not a passing fault.
     assert try_send(server.address, message("again@client.test"))[0] == 451
+
+
+# -- what operators do, together, while the server is killed ---------------------------------
+
+OPERATOR_KILLS = 8
+OPERATOR_ACTIONS = (
+    *("scrape", "healthz", "list", "json", "status", "show", "hold", "release", "flush"),
+    *("delete", "bounce", "sighup"),
+)
+
+
+class Operator:
+    """An operator at a terminal and a Prometheus, hammering the live queue between kills.
+
+    Each step is one of: a scrape, /healthz, `relay queue` (text and JSON), `relay status`,
+    `relay queue show`, `hold`, `release`, `flush`, `delete`, `bounce`, or a SIGHUP reload.
+    Deleted and bounced messages are the operator's doing: they are not expected at the primary.
+    """
+
+    def __init__(self, config: Path, server: RelayProcess, queue: Path, rng: random.Random):
+        self.config = config
+        self.server = server
+        self.queue = queue
+        self.rng = rng
+        self.removed: set[str] = set()  # queue ids deleted or bounced by the operator
+        self.held: set[str] = set()
+        self.steps: Counter[str] = Counter()
+        self.failures: list[str] = []
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """`relay status` or `relay queue ARGS…` against this test's config."""
+        command = list(args) if args[:1] == ("status",) else ["queue", *args]
+        return run_relay(*command, "--config", str(self.config))
+
+    def queued_ids(self) -> list[str]:
+        with open_store(self.queue) as store:
+            return [m.id for m in store.list_messages() if m.sender]
+
+    def step(self, action: str | None = None) -> None:
+        action = action or self.rng.choice(OPERATOR_ACTIONS)
+        ids = self.queued_ids()
+        target = self.rng.choice(ids) if ids else None
+        self.steps[action] += 1
+        if action in ("scrape", "healthz"):
+            base = self.server.metrics_base()
+            if base is not None:
+                with contextlib.suppress(OSError):  # killed a moment ago
+                    if action == "scrape":
+                        scrape(base + "/metrics")
+                    else:
+                        healthz(base)
+        elif action == "sighup":
+            if self.server.process is not None and self.server.process.poll() is None:
+                self.server.process.send_signal(signal.SIGHUP)
+        elif action in ("list", "json", "status"):
+            done = self.cli(*{"list": (), "json": ("--json",), "status": ("status",)}[action])
+            self.check(action, done)
+        elif target is not None:
+            self.act_on(action, target)
+
+    def act_on(self, action: str, target: str) -> None:
+        done = self.cli(action, target) if action != "flush" else self.cli("flush")
+        if b"no such message in the queue" in done.stderr:
+            return  # delivered meanwhile: postsuper says the same
+        self.check(f"{action} {target}", done)
+        if action in ("delete", "bounce"):
+            self.removed.add(target)
+        elif action == "hold":
+            self.held.add(target)
+        elif action == "release":
+            self.held.discard(target)
+
+    def check(self, what: str, done: subprocess.CompletedProcess[bytes]) -> None:
+        if done.returncode != 0:
+            self.failures.append(f"{what}: exit {done.returncode}: {done.stderr.decode()[:200]}")
+
+
+def test_sigkill_while_operators_scrape_reload_and_run_every_command_loses_nothing(
+    tmp_path: Path,
+    relay_process: Callable[[Path], RelayProcess],
+    primary: ScriptedPrimary,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Issue 12: a scrape plus a CLI read once detached the server from its WAL, and every 250
+    after that was lost at the next crash. Here everything operators do runs against the live
+    queue while clients send, the primary goes down and up, and the server is SIGKILLed."""
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        smtp={
+            "listen": [f"127.0.0.1:{port}"],
+            "rate_per_ip": 0,
+            "max_connections_per_ip": 100,
+            "max_messages_per_session": 100000,
+        },
+        delivery={"probe_interval": "1s", "timeout": "10s"},
+        retry={"min": "1s", "max": "2s"},
+        domain=[{"name": DOMAIN, "primary": [primary.hostport], "tls": "none"}],
+    )
+    queue = tmp_path / "queue" / "queue.db"
+    seed = int(os.environ.get("RELAY_FAULT_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    ledger = QueueLedger()
+    errors: list[str] = []
+    stop = threading.Event()
+    clients = [
+        threading.Thread(target=keep_sending_ids, args=(port, n, ledger, stop, errors), daemon=True)
+        for n in range(6)
+    ]
+    server = relay_process(config)
+    operator = Operator(config, server, queue, rng)
+    for client in clients:
+        client.start()
+    try:
+        for kill in range(OPERATOR_KILLS):
+            if kill:
+                server.start()
+            primary.mode = rng.choice(["normal", "normal", "session"])  # up, or refusing MAIL
+            target = len(ledger) + rng.randint(1, 10)
+            operator.step("scrape")  # the issue's sequence first: a scrape, then a CLI read
+            operator.step("list")
+            for _ in range(rng.randint(3, 8)):
+                operator.step()
+            wait_for(lambda: len(ledger) >= target, f"{target} acknowledged messages", 60)  # noqa: B023
+            server.kill()
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(30)
+    assert not any(client.is_alive() for client in clients)
+    assert not errors, errors[:5]
+    assert not operator.failures, operator.failures[:5]
+
+    primary.mode = "normal"
+    server.start()
+    # A hold made by the CLI is obeyed by the running server: held mail stays, the rest goes.
+    held = {i for i in operator.held if i not in operator.removed}
+    wait_for(
+        lambda: set(operator.queued_ids()) == held, "everything but the held mail delivered", 120
+    )
+    for queue_id_ in sorted(held):
+        assert operator.cli("release", queue_id_).returncode == 0
+    wait_for(lambda: not operator.queued_ids(), "the released mail delivered", 60)
+    assert server.stop() == 0
+
+    delivered = primary.tokens()
+    expected = {
+        token for queue_id_, token in ledger.acked.items() if queue_id_ not in operator.removed
+    }
+    lost = sorted(expected - set(delivered))
+    duplicates = {token: count for token, count in delivered.items() if count > 1}
+    record_property(
+        "figures",
+        f"SIGKILL with operators (seed {seed}): {OPERATOR_KILLS} kills, {len(ledger)} acknowledged,"
+        f" {sum(operator.steps.values())} operator steps ({dict(sorted(operator.steps.items()))}),"
+        f" {len(operator.removed)} deleted or bounced, {len(delivered)} distinct delivered,"
+        f" {sum(c - 1 for c in duplicates.values())} duplicate copies, {len(lost)} lost",
+    )
+    assert not lost, f"acknowledged but never delivered (seed {seed}): {lost[:10]}"
+    assert all(count <= 2 for count in duplicates.values()), f"a stream of copies: {duplicates}"
+
+
+class QueueLedger:
+    """Queue id → Message-ID token for every 250 the clients got."""
+
+    def __init__(self) -> None:
+        self.acked: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def add(self, queue_id_: str, token: str) -> None:
+        with self.lock:
+            self.acked[queue_id_] = token
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+
+def keep_sending_ids(
+    port: int, sender: int, ledger: QueueLedger, stop: threading.Event, errors: list[str]
+) -> None:
+    """Like keep_sending, but remembers the queue id of each 250 (operators act on ids)."""
+    serial = 0
+    while not stop.is_set():
+        try:
+            with smtplib.SMTP(local_hostname=f"op{sender}.test", timeout=10) as client:
+                client.connect("127.0.0.1", port)
+                client.ehlo()
+                while not stop.is_set():
+                    serial += 1
+                    token = f"op{sender}n{serial}@client.test"
+                    client.mail(f"client{sender}@client.test")
+                    code, text = client.rcpt(f"to{sender}n{serial}@{DOMAIN}")
+                    if code != 250:
+                        errors.append(f"RCPT: {code} {text!r}")
+                    code, text = client.data(message(token, 600))
+                    if code == 250:
+                        ledger.add(queue_id(text.decode()), token)
+                    elif code // 100 != 4:
+                        errors.append(f"DATA: {code} {text!r}")
+                    stop.wait(0.01)  # a steady stream, not a flood: the operator gets a turn
+        except (OSError, smtplib.SMTPException):
+            stop.wait(0.02)
