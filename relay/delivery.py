@@ -45,6 +45,7 @@ from relay.store import (
     Store,
     new_queue_id,
 )
+from relay.words import plural
 
 log = logging.getLogger("relay.delivery")
 
@@ -140,7 +141,7 @@ class Scheduler:
         if not self._unrecorded:
             return None
         count = sum(len(u.message_ids) for u in self._unrecorded)
-        return f"delivery stopped: outcomes of {_plural(count, 'message')} not yet recorded"
+        return f"delivery stopped: outcomes of {plural(count, 'message')} not yet recorded"
 
     @property
     def config(self) -> Config:
@@ -544,7 +545,7 @@ class Scheduler:
                 # at once when they are written, and the next poll finds what is due.
                 log.warning("%s: primary answers again; queue not writable: %s", domain, exc)
             else:
-                due = _plural(count, "recipient")
+                due = plural(count, "recipient")
                 log.info("%s: primary answers again; %s due now", domain, due)
             self.wake.set()
 
@@ -814,10 +815,6 @@ class _Unrecorded:
     write: Callable[[Store], list[bool]]
     after: Callable[[list[bool]], None]
     message_ids: tuple[str, ...]
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 class _RouteFailed(Exception):
