@@ -256,15 +256,19 @@ SENDERS = 20
 
 
 class Ledger:
-    """Message-IDs the clients got a 250 for."""
+    """Queue id → Message-ID token for every 250 the clients got (operators act on ids)."""
 
     def __init__(self) -> None:
-        self.acked: set[str] = set()
+        self.acked: dict[str, str] = {}
         self.lock = threading.Lock()
 
-    def add(self, token: str) -> None:
+    def add(self, queue_id_: str, token: str) -> None:
         with self.lock:
-            self.acked.add(token)
+            self.acked[queue_id_] = token
+
+    def tokens(self) -> set[str]:
+        with self.lock:
+            return set(self.acked.values())
 
     def __len__(self) -> int:
         with self.lock:
@@ -272,9 +276,17 @@ class Ledger:
 
 
 def keep_sending(
-    port: int, sender: int, ledger: Ledger, stop: threading.Event, errors: list[str]
+    port: int,
+    sender: int,
+    ledger: Ledger,
+    stop: threading.Event,
+    errors: list[str],
+    pause: float = 0.0,
 ) -> None:
-    """One client at its own address: messages back to back, reconnecting after any failure."""
+    """One client at its own address: messages back to back, reconnecting after any failure.
+
+    `pause` between messages makes a steady stream instead of a flood.
+    """
     source = f"127.0.1.{sender + 1}"
     serial = 0
     while not stop.is_set():
@@ -297,11 +309,35 @@ def keep_sending(
                             errors.append(f"RCPT {recipient}: {code} {text!r}")
                     code, text = client.data(message(token, 600 + 40 * (serial % 50)))
                     if code == 250:
-                        ledger.add(token)
+                        ledger.add(queue_id(text.decode()), token)
                     elif code // 100 != 4:
                         errors.append(f"DATA: {code} {text!r}")
+                    if pause:
+                        stop.wait(pause)
         except (OSError, smtplib.SMTPException):
             stop.wait(0.02)  # killed or restarting: reconnect unless told to stop
+
+
+def sigkill_config(tmp_path: Path, port: int, primary: ScriptedPrimary, **overrides: Any) -> Path:
+    """A relay on a fixed port (clients reconnect after each kill) delivering to `primary`."""
+    return write_config(
+        tmp_path,
+        smtp={
+            "listen": [f"127.0.0.1:{port}"],
+            "rate_per_ip": 0,
+            "max_connections_per_ip": 100,
+            "max_messages_per_session": 100000,
+        },
+        delivery={"probe_interval": "1s", "timeout": "10s"},
+        retry={"min": "1s", "max": "2s"},
+        domain=[{"name": DOMAIN, "primary": [primary.hostport], "tls": "none"}],
+        **overrides,
+    )
+
+
+def fault_seed() -> int:
+    """The run's random seed; RELAY_FAULT_SEED replays a run that failed."""
+    return int(os.environ.get("RELAY_FAULT_SEED", time.time_ns() % 1_000_000))
 
 
 def test_sigkill_under_load_with_deliveries_in_flight_loses_no_acknowledged_message(
@@ -311,21 +347,9 @@ def test_sigkill_under_load_with_deliveries_in_flight_loses_no_acknowledged_mess
     record_property: Callable[[str, object], None],
 ) -> None:
     port = free_port()
-    config = write_config(
-        tmp_path,
-        smtp={
-            "listen": [f"127.0.0.1:{port}"],
-            "rate_per_ip": 0,
-            "max_connections_per_ip": 100,
-            "max_messages_per_session": 100000,
-        },
-        metrics={"listen": ""},
-        delivery={"probe_interval": "1s", "timeout": "10s"},
-        retry={"min": "1s", "max": "2s"},
-        domain=[{"name": DOMAIN, "primary": [primary.hostport], "tls": "none"}],
-    )
+    config = sigkill_config(tmp_path, port, primary, metrics={"listen": ""})
     queue = tmp_path / "queue" / "queue.db"
-    seed = int(os.environ.get("RELAY_FAULT_SEED", time.time_ns() % 1_000_000))
+    seed = fault_seed()
     rng = random.Random(seed)
     ledger = Ledger()
     errors: list[str] = []
@@ -357,9 +381,9 @@ def test_sigkill_under_load_with_deliveries_in_flight_loses_no_acknowledged_mess
     assert server.stop() == 0
 
     delivered = primary.tokens()
-    lost = sorted(ledger.acked - set(delivered))
+    lost = sorted(ledger.tokens() - set(delivered))
     duplicates = sum(count - 1 for count in delivered.values() if count > 1)
-    unacked = len(set(delivered) - ledger.acked)
+    unacked = len(set(delivered) - ledger.tokens())
     record_property(
         "figures",
         f"SIGKILL under load (seed {seed}): {KILLS} kills, {len(ledger)} messages acknowledged,"
@@ -409,6 +433,20 @@ def fill(directory: Path) -> Path:
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
     return filler
+
+
+@contextlib.contextmanager
+def immutable(*files: Path) -> Iterator[None]:
+    """Writes through open descriptors fail (EPERM), as on a filesystem gone read-only."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is not installed")
+    done = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make the queue files immutable here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, files)], check=True)
 
 
 def test_full_filesystem_answers_4xx_and_mail_flows_again_once_space_is_freed(
@@ -520,16 +558,8 @@ def test_unwritable_database_answers_4xx_and_recovers_when_writable_again(
     # The immutable flag makes even root's writes through open descriptors fail (EPERM), the
     # way a database on a filesystem gone read-only fails. Not the -shm file: SQLite maps it,
     # and a write fault there is SIGBUS, not an error.
-    files = [queue, queue.with_name(queue.name + "-wal")]
-    if shutil.which("chattr") is None:
-        pytest.skip("chattr (e2fsprogs) is not installed")
-    done = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot make the queue files immutable here: {done.stderr.strip()}")
-    try:
+    with immutable(queue, queue.with_name(queue.name + "-wal")):
         refusals = [try_send(server.address, message(f"ro-{n}@client.test")) for n in range(2)]
-    finally:
-        subprocess.run(["chattr", "-i", *map(str, files)], check=True)
     assert all(code == 451 and text.startswith("4.3.0") for code, text in refusals), refusals
 
     content = message("after-ro@client.test")
@@ -627,20 +657,6 @@ def healthz(base: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-@contextlib.contextmanager
-def immutable(*files: Path) -> Iterator[None]:
-    """Writes through open descriptors fail (EPERM), as on a filesystem gone read-only."""
-    if shutil.which("chattr") is None:
-        pytest.skip("chattr (e2fsprogs) is not installed")
-    done = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot make the queue files immutable here: {done.stderr.strip()}")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", *map(str, files)], check=True)
 
 
 @contextlib.contextmanager
@@ -830,26 +846,17 @@ def test_sigkill_while_operators_scrape_reload_and_run_every_command_loses_nothi
     after that was lost at the next crash. Here everything operators do runs against the live
     queue while clients send, the primary goes down and up, and the server is SIGKILLed."""
     port = free_port()
-    config = write_config(
-        tmp_path,
-        smtp={
-            "listen": [f"127.0.0.1:{port}"],
-            "rate_per_ip": 0,
-            "max_connections_per_ip": 100,
-            "max_messages_per_session": 100000,
-        },
-        delivery={"probe_interval": "1s", "timeout": "10s"},
-        retry={"min": "1s", "max": "2s"},
-        domain=[{"name": DOMAIN, "primary": [primary.hostport], "tls": "none"}],
-    )
+    config = sigkill_config(tmp_path, port, primary)  # metrics on: the operator scrapes
     queue = tmp_path / "queue" / "queue.db"
-    seed = int(os.environ.get("RELAY_FAULT_SEED", time.time_ns() % 1_000_000))
+    seed = fault_seed()
     rng = random.Random(seed)
-    ledger = QueueLedger()
+    ledger = Ledger()
     errors: list[str] = []
     stop = threading.Event()
     clients = [
-        threading.Thread(target=keep_sending_ids, args=(port, n, ledger, stop, errors), daemon=True)
+        threading.Thread(
+            target=keep_sending, args=(port, n, ledger, stop, errors, 0.01), daemon=True
+        )
         for n in range(6)
     ]
     server = relay_process(config)
@@ -903,46 +910,3 @@ def test_sigkill_while_operators_scrape_reload_and_run_every_command_loses_nothi
     )
     assert not lost, f"acknowledged but never delivered (seed {seed}): {lost[:10]}"
     assert all(count <= 2 for count in duplicates.values()), f"a stream of copies: {duplicates}"
-
-
-class QueueLedger:
-    """Queue id → Message-ID token for every 250 the clients got."""
-
-    def __init__(self) -> None:
-        self.acked: dict[str, str] = {}
-        self.lock = threading.Lock()
-
-    def add(self, queue_id_: str, token: str) -> None:
-        with self.lock:
-            self.acked[queue_id_] = token
-
-    def __len__(self) -> int:
-        with self.lock:
-            return len(self.acked)
-
-
-def keep_sending_ids(
-    port: int, sender: int, ledger: QueueLedger, stop: threading.Event, errors: list[str]
-) -> None:
-    """Like keep_sending, but remembers the queue id of each 250 (operators act on ids)."""
-    serial = 0
-    while not stop.is_set():
-        try:
-            with smtplib.SMTP(local_hostname=f"op{sender}.test", timeout=10) as client:
-                client.connect("127.0.0.1", port)
-                client.ehlo()
-                while not stop.is_set():
-                    serial += 1
-                    token = f"op{sender}n{serial}@client.test"
-                    client.mail(f"client{sender}@client.test")
-                    code, text = client.rcpt(f"to{sender}n{serial}@{DOMAIN}")
-                    if code != 250:
-                        errors.append(f"RCPT: {code} {text!r}")
-                    code, text = client.data(message(token, 600))
-                    if code == 250:
-                        ledger.add(queue_id(text.decode()), token)
-                    elif code // 100 != 4:
-                        errors.append(f"DATA: {code} {text!r}")
-                    stop.wait(0.01)  # a steady stream, not a flood: the operator gets a turn
-        except (OSError, smtplib.SMTPException):
-            stop.wait(0.02)
