@@ -10,6 +10,10 @@ of 100,000 messages never reads message bytes.
 `AsyncStore` serialises all server-side access through one writer thread and groups concurrent
 writes into one commit (group commit): each caller's future resolves only after the commit that
 contains its own work.
+
+The queue file is opened only through SQLite, in every process (see `_restrict_new_file`): the
+CLI and the metrics reader run beside the server's writer, and a descriptor closed outside
+SQLite would drop the locks that keep one of them from deleting the others' WAL.
 """
 
 from __future__ import annotations
