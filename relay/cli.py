@@ -20,8 +20,11 @@ from relay import config as config_module
 from relay.config import Config, ConfigError
 from relay.store import (
     HELD,
+    Actor,
     ListingRow,
     MessageRow,
+    Operated,
+    Selection,
     StorageError,
     Store,
     UnknownMessage,
@@ -120,9 +123,13 @@ def _open_store(config_path: str | None, cfg: Config | None = None) -> Store:
     if cfg is None:
         cfg, _ = _load_config(config_path)
     if not os.path.exists(cfg.queue.path):
-        # Not there yet means empty. Creating it here would leave a queue owned by whoever ran
-        # the command (root, typically), which the server's own user then cannot open.
-        return Store(":memory:")
+        # Never "Mail queue is empty": a wrong --config or queue.path would then hide a full
+        # queue from the operator. Nor create it: a queue owned by whoever ran the command (root,
+        # typically) is one the server's own user then cannot open.
+        _fail(
+            f"queue {cfg.queue.path} does not exist: the server creates it when it first starts"
+            " (is this the server's configuration?)"
+        )
     try:
         return Store(cfg.queue.path)
     except StorageError as exc:
@@ -335,27 +342,110 @@ def show(ctx: click.Context, message_id: str, body: bool, config_path: str | Non
         sys.stdout.buffer.flush()
 
 
+def actor() -> Actor:
+    """Who is running this command, for the audit trail: the uid, its name, and the sudo user."""
+    uid = os.getuid()
+    try:
+        import pwd
+
+        user = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        user = str(uid)
+    sudo_user = os.environ.get("SUDO_USER")
+    return Actor(uid, f"{user} (sudo from {sudo_user})" if sudo_user else user)
+
+
+def _older_than(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return config_module.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _selection(
+    domain: str | None,
+    sender: str | None,
+    recipient: str | None,
+    older_than: float | None,
+    everything: bool,
+) -> Selection:
+    if sender is not None and sender.strip() in ("<>", ""):
+        sender = ""
+    return Selection(
+        domain=domain.lower().rstrip(".") if domain else None,
+        sender=sender.strip("<>") if sender else sender,
+        recipient=recipient.strip("<>") if recipient else None,
+        received_before=None if older_than is None else time.time() - older_than,
+        everything=everything,
+    )
+
+
+_SELECTION_HINT = "name queue ids, or select with --domain, --from, --to, --older-than or --all"
+
+
+def _report(operated: Operated, verb: str, listed: bool) -> None:
+    """One line per id the operator named (or a count for a selection), each failure on stderr.
+
+    Exit 1 if any named id was not found, like postsuper: the others were still acted on.
+    """
+    if listed:
+        for message_id in operated.done:
+            click.echo(f"{message_id}: {verb}")
+    else:
+        phrase = "bounce requested for" if verb == "bounce requested" else verb
+        click.echo(f"{phrase} {plural(len(operated.done), 'message')}")
+    for message_id in operated.skipped:
+        click.echo(f"{message_id}: held, not {verb} (release it first)")
+    for message_id in operated.missing:
+        click.echo(f"relay: {message_id}: no such message in the queue", err=True)
+    if operated.missing:
+        sys.exit(1)
+
+
 def _operator_command(
-    name: str, help_text: str, action: Callable[[Store, Sequence[str]], list[str]], verb: str
+    name: str, help_text: str, action: Callable[..., Operated], verb: str
 ) -> None:
     @queue.command(name=name, help=help_text)
-    @click.argument("message_ids", nargs=-1, required=name != "flush")
+    @click.argument("message_ids", nargs=-1)
+    @click.option("--domain", help="Messages with a recipient waiting in this domain.")
+    @click.option("--from", "sender", help="Messages from this sender (<> for bounces).")
+    @click.option("--to", "recipient", help="Messages with this recipient waiting.")
+    @click.option(
+        "--older-than",
+        callback=_older_than,
+        help="Messages received longer ago than this (30m, 4h, 2d).",
+    )
+    @click.option("--all", "everything", is_flag=True, help="Every message in the queue.")
     @config_option
     @click.pass_context
-    def command(ctx: click.Context, message_ids: tuple[str, ...], config_path: str | None) -> None:
-        done = _with_store(
-            _queue_config(ctx, config_path), lambda store: action(store, list(message_ids))
+    def command(
+        ctx: click.Context,
+        message_ids: tuple[str, ...],
+        domain: str | None,
+        sender: str | None,
+        recipient: str | None,
+        older_than: float | None,
+        everything: bool,
+        config_path: str | None,
+    ) -> None:
+        selection = _selection(domain, sender, recipient, older_than, everything)
+        criteria = not Selection(
+            domain=domain, sender=sender, recipient=recipient, received_before=older_than
+        ).empty
+        if everything and (criteria or message_ids):
+            raise click.UsageError("--all selects every message: give it alone")
+        if selection.empty and not message_ids and name != "flush":
+            raise click.UsageError(f"nothing selected: {_SELECTION_HINT}")
+        operated = _with_store(
+            _queue_config(ctx, config_path),
+            lambda store: action(store, list(message_ids), selection, actor()),
         )
-        if name == "flush" and not message_ids:
-            click.echo(f"{verb} {len(done)} message{'s' if len(done) != 1 else ''}")
-            return
-        for message_id in done:
-            click.echo(f"{message_id}: {verb}")
+        _report(operated, verb, listed=bool(message_ids) and selection.empty)
 
 
-_OPERATOR_COMMANDS: tuple[
-    tuple[str, str, Callable[[Store, Sequence[str]], list[str]], str], ...
-] = (
+_OPERATOR_COMMANDS: tuple[tuple[str, str, Callable[..., Operated], str], ...] = (
     (
         "hold",
         "Put messages on hold: kept, never delivered (like `postsuper -h`).",
@@ -376,7 +466,7 @@ _OPERATOR_COMMANDS: tuple[
     ),
     (
         "flush",
-        "Make queued mail due now: all of it, or the given ids (like `postqueue -f`/`-i`).",
+        "Make queued mail due now: all of it, or the selected (like `postqueue -f`/`-i`/`-s`).",
         Store.flush,
         "flushed",
     ),

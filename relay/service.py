@@ -25,15 +25,15 @@ from typing import Any, TextIO
 import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay import audit, metrics
 from relay import config as config_module
-from relay import metrics
 from relay.config import Config
 from relay.delivery import Scheduler
 from relay.intake import IntakeHandler, RelaySMTP
 from relay.limits import Limits
 from relay.mx import Router
 from relay.policy import DestinationView, RecipientPolicy
-from relay.store import AsyncStore, NewMessage, Store
+from relay.store import AsyncStore, NewMessage, StorageError, Store
 
 log = logging.getLogger("relay")
 
@@ -49,6 +49,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # Structured fields a line carries (`extra={"fields": {...}}`): queue_id, event, ...
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -233,6 +237,7 @@ class Relay:
         self._tls = tls_context(cfg)
         self.scheduler: Scheduler | None = None
         self._delivery_task: asyncio.Task[None] | None = None
+        self._operators_task: asyncio.Task[None] | None = None
 
     def _problems(self) -> list[str]:
         serving = bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
@@ -271,6 +276,7 @@ class Relay:
             self.smtp_servers.append(server)
             log.info("listening for SMTP on %s", _sockname(server))
         self._start_delivery()
+        self._operators_task = asyncio.create_task(self._follow_operators())
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
             self.http_server = await asyncio.start_server(
@@ -303,6 +309,23 @@ class Relay:
         self.handler.flush_domain = self.scheduler.flush_domain
         self.policy.attach(router)
         self._delivery_task = asyncio.create_task(self.scheduler.run())
+
+    async def _follow_operators(self, interval: float = 1.0) -> None:
+        """Notices what the CLI changed in the queue database and logs its audit trail.
+
+        PRAGMA data_version changes only when another connection commits: one cheap read a
+        second, and the audit table is read only after an operator did something.
+        """
+        seen: int | None = None
+        while True:
+            try:
+                version = await self.store.run(Store.data_version)
+                if version != seen:
+                    seen = version
+                    await audit.log_new_entries(self.store)
+            except StorageError as exc:
+                log.warning("operator changes not read: %s", exc)
+            await asyncio.sleep(interval)
 
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:
@@ -344,6 +367,9 @@ class Relay:
             await self.scheduler.stop()
         if self._delivery_task is not None:
             await asyncio.gather(self._delivery_task, return_exceptions=True)
+        if self._operators_task is not None:
+            self._operators_task.cancel()
+            await asyncio.gather(self._operators_task, return_exceptions=True)
         await self.policy.stop()
         with contextlib.suppress(KeyError):
             metrics.REGISTRY.unregister(self._collector)

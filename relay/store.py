@@ -60,6 +60,61 @@ class UnknownMessage(Exception):
         self.ids = list(ids)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which messages an operator command acts on besides named ids (`relay queue hold --domain`).
+
+    Every given criterion must match (AND); `everything` selects every message. A message matches
+    `domain` and `recipient` only through a recipient still waiting (queued), like Postfix's
+    `postqueue -s`: a delivered recipient no longer makes a message that domain's mail.
+    """
+
+    domain: str | None = None
+    sender: str | None = None  # "" selects the null sender <>
+    recipient: str | None = None
+    received_before: float | None = None
+    everything: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.everything and (
+            self.domain is None
+            and self.sender is None
+            and self.recipient is None
+            and self.received_before is None
+        )
+
+
+@dataclass(frozen=True)
+class Operated:
+    """What an operator command did: the ids it acted on, and the named ids it did not find.
+
+    Like postsuper, a batch acts on every id it can and reports each one it cannot.
+    """
+
+    done: list[str]
+    missing: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # found, but the action does not apply
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who ran an operator command: the audit trail names them, as postsuper's log does."""
+
+    uid: int
+    user: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: float
+    uid: int
+    user: str
+    action: str
+    ids: list[str]
+
+
 # The random part keeps apart ids made by different processes; it needs no secrecy (an id gives
 # no access to anything), so it comes from a generator seeded once, not a system call per id.
 _ID_RANDOM = random.Random(secrets.randbits(128))
@@ -302,6 +357,18 @@ def _v3_recipient_verdicts(db: sqlite_utils.Database) -> None:
         {"address": str, "accepted": int, "checked_at": float},
         pk="address",
         not_null={"accepted", "checked_at"},
+    )
+
+
+@_migration
+def _v4_audit(db: sqlite_utils.Database) -> None:
+    """Operator actions (relay queue hold, relay recipients import, ...), written by the CLI in
+    the same transaction as the action, and logged by the running server (relay.audit)."""
+    db.table("audit").create(
+        {"id": int, "at": float, "uid": int, "user": str, "action": str, "ids": str, "logged": int},
+        pk="id",
+        not_null={"at", "uid", "action", "ids", "logged"},
+        defaults={"logged": 0},
     )
 
 
@@ -726,16 +793,44 @@ class Store:
     def set_state(self, message_id: str, state: str) -> None:
         self.conn.execute("UPDATE messages SET state = ? WHERE id = ?", (state, message_id))
 
-    # -- operator commands (each its own transaction; unknown ids fail the whole command) ---
+    # -- operator commands (each one transaction, audited in it; unknown ids are reported) --
 
-    def _require(self, ids: Sequence[str]) -> None:
-        missing = [
-            i
-            for i in ids
-            if not self.conn.execute("SELECT 1 FROM messages WHERE id = ?", (i,)).fetchone()
-        ]
-        if missing:
-            raise UnknownMessage(missing)
+    def select(self, selection: Selection) -> list[str]:
+        """The ids of the messages `selection` matches, oldest first."""
+        where: list[str] = []
+        params: list[Any] = []
+        if selection.domain is not None:
+            where.append(
+                "EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
+                " AND r.domain = ? AND r.state = ?)"
+            )
+            params += [selection.domain.lower(), QUEUED]
+        if selection.recipient is not None:
+            where.append(
+                "EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id"
+                " AND r.address = ? COLLATE NOCASE AND r.state = ?)"
+            )
+            params += [selection.recipient, QUEUED]
+        if selection.sender is not None:
+            where.append("m.sender = ? COLLATE NOCASE")
+            params.append(selection.sender)
+        if selection.received_before is not None:
+            where.append("m.received_at < ?")
+            params.append(selection.received_before)
+        if not where and not selection.everything:
+            return []
+        sql = "SELECT m.id FROM messages m"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [row[0] for row in self.conn.execute(sql + " ORDER BY m.received_at, m.id", params)]
+
+    def _existing(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        found: list[str] = []
+        missing: list[str] = []
+        for message_id in dict.fromkeys(ids):
+            row = self.conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,))
+            (found if row.fetchone() else missing).append(message_id)
+        return found, missing
 
     def _delete(self, message_id: str) -> None:
         for table in ("attempts", "recipients", "bodies"):
@@ -743,29 +838,77 @@ class Store:
             self.conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (message_id,))
         self.conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    def _operate(self, ids: Sequence[str], work: Callable[[str], None]) -> list[str]:
-        def run(store: Store) -> list[str]:
-            store._require(ids)
-            for message_id in ids:
-                work(message_id)
-            return list(ids)
+    def audit(self, action: str, ids: Sequence[str], actor: Actor) -> None:
+        """Notes an operator action for the server's log; call inside the action's transaction."""
+        self.conn.execute(
+            "INSERT INTO audit (at, uid, user, action, ids, logged) VALUES (?,?,?,?,?,0)",
+            (self.clock(), actor.uid, actor.user, action, " ".join(ids)),
+        )
+
+    def unlogged_audit(self) -> list[AuditEntry]:
+        """Operator actions the server has not logged yet, oldest first."""
+        rows = self.conn.execute(
+            "SELECT id, at, uid, user, action, ids FROM audit WHERE logged = 0 ORDER BY id"
+        ).fetchall()
+        return [AuditEntry(r[0], r[1], r[2], r[3] or "", r[4], r[5].split()) for r in rows]
+
+    def mark_audit_logged(self, last_id: int, forget_before: float) -> None:
+        """Call inside a transaction: entries up to `last_id` are in the log; old ones go."""
+        self.conn.execute("UPDATE audit SET logged = 1 WHERE id <= ? AND logged = 0", (last_id,))
+        self.conn.execute("DELETE FROM audit WHERE logged = 1 AND at < ?", (forget_before,))
+
+    def _operate(
+        self,
+        action: str,
+        ids: Sequence[str],
+        selection: Selection | None,
+        actor: Actor | None,
+        work: Callable[[str], bool | None],
+    ) -> Operated:
+        """Runs `work` on each named and selected id; `work` returning False skips that id.
+
+        Only a named id is reported as skipped: `flush` of the whole queue need not list every
+        held message.
+        """
+
+        def run(store: Store) -> Operated:
+            named, missing = store._existing(ids)
+            found = named
+            if selection is not None and not selection.empty:
+                found = list(dict.fromkeys([*named, *store.select(selection)]))
+            done: list[str] = []
+            skipped: list[str] = []
+            for message_id in found:
+                if work(message_id) is not False:
+                    done.append(message_id)
+                elif message_id in named:
+                    skipped.append(message_id)
+            if done and actor is not None:
+                store.audit(action, done, actor)
+            return Operated(done, missing, skipped)
 
         return self.transaction(run)
 
-    def hold(self, ids: Sequence[str]) -> list[str]:
-        return self._operate(ids, lambda i: self.set_state(i, HELD))
+    def hold(
+        self, ids: Sequence[str], selection: Selection | None = None, actor: Actor | None = None
+    ) -> Operated:
+        return self._operate("hold", ids, selection, actor, lambda i: self.set_state(i, HELD))
 
-    def release(self, ids: Sequence[str]) -> list[str]:
+    def release(
+        self, ids: Sequence[str], selection: Selection | None = None, actor: Actor | None = None
+    ) -> Operated:
         """Back to the active queue, due now (like `postsuper -H`, which also requeues)."""
 
         def release_one(message_id: str) -> None:
             self.set_state(message_id, QUEUED)
             self._make_due(message_id)
 
-        return self._operate(ids, release_one)
+        return self._operate("release", ids, selection, actor, release_one)
 
-    def delete(self, ids: Sequence[str]) -> list[str]:
-        return self._operate(ids, self._delete)
+    def delete(
+        self, ids: Sequence[str], selection: Selection | None = None, actor: Actor | None = None
+    ) -> Operated:
+        return self._operate("delete", ids, selection, actor, self._delete)
 
     def _make_due(self, message_id: str) -> None:
         self.conn.execute(
@@ -773,26 +916,34 @@ class Store:
             (self.clock(), message_id, QUEUED),
         )
 
-    def flush(self, ids: Sequence[str] = ()) -> list[str]:
-        """Makes queued (not held) mail due now, like `postqueue -f` / `postqueue -i ID`."""
-        if ids:
-            return self._operate(ids, self._make_due)
+    def flush(
+        self,
+        ids: Sequence[str] = (),
+        selection: Selection | None = None,
+        actor: Actor | None = None,
+    ) -> Operated:
+        """Makes queued (not held) mail due now, like `postqueue -f` / `postqueue -i ID`.
 
-        def flush_all(store: Store) -> list[str]:
-            now = store.clock()
-            store.conn.execute(
-                "UPDATE recipients SET next_attempt_at = ? WHERE state = ? AND message_id IN"
-                " (SELECT id FROM messages WHERE state = ?)",
-                (now, QUEUED, QUEUED),
-            )
-            return [
-                row[0]
-                for row in store.conn.execute("SELECT id FROM messages WHERE state = ?", (QUEUED,))
-            ]
+        With neither ids nor a selection: every queued message (postqueue -f). Held messages
+        stay held: flushing is not releasing.
+        """
+        if not ids and (selection is None or selection.empty):
+            selection = Selection(everything=True)
 
-        return self.transaction(flush_all)
+        def flush_one(message_id: str) -> bool:
+            held = self.conn.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND state = ?", (message_id, HELD)
+            ).fetchone()
+            if held:
+                return False
+            self._make_due(message_id)
+            return True
 
-    def request_bounce(self, ids: Sequence[str]) -> list[str]:
+        return self._operate("flush", ids, selection, actor, flush_one)
+
+    def request_bounce(
+        self, ids: Sequence[str], selection: Selection | None = None, actor: Actor | None = None
+    ) -> Operated:
         """Marks the remaining recipients to be failed (with a DSN) by the delivery engine."""
 
         def mark(message_id: str) -> None:
@@ -803,7 +954,7 @@ class Store:
             )
             self.set_state(message_id, QUEUED)
 
-        return self._operate(ids, mark)
+        return self._operate("bounce", ids, selection, actor, mark)
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 import re
 import threading
 import time
@@ -113,10 +115,18 @@ def test_an_empty_queue_says_so(config: Path) -> None:
     assert relay("queue", config=config) == (0, "Mail queue is empty\n", "")
 
 
-def test_listing_a_queue_that_does_not_exist_yet_does_not_create_it(config: Path) -> None:
-    """`relay queue` run as root before the first start must not leave a root-owned queue."""
-    assert relay("queue", config=config) == (0, "Mail queue is empty\n", "")
-    assert relay("queue", "hold", "AAA", config=config)[0] == 1
+@pytest.mark.parametrize(
+    "args",
+    [("queue",), ("queue", "--json"), ("status",), ("queue", "hold", "AAA"), ("queue", "flush")],
+)
+def test_a_queue_that_does_not_exist_is_an_error_not_an_empty_queue(
+    config: Path, args: tuple[str, ...]
+) -> None:
+    """A wrong --config must not show "Mail queue is empty" over a full queue elsewhere; and
+    `relay queue` run as root before the first start must not leave a root-owned queue."""
+    code, out, err = relay(*args, config=config)
+    assert (code, out) == (1, "")
+    assert f"queue {queue_path(config)} does not exist" in err
     assert not queue_path(config).exists() and not queue_path(config).parent.exists()
 
 
@@ -200,6 +210,7 @@ def test_the_json_listing_has_every_contract_field(config: Path, queue: Store, n
 
 
 def test_the_json_listing_of_an_empty_queue_is_an_empty_array(config: Path) -> None:
+    Store(str(queue_path(config))).close()
     assert relay("queue", "--json", config=config) == (0, "[]\n", "")
 
 
@@ -303,27 +314,37 @@ def test_bounce(config: Path, queue: Store) -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("show", "NOPE"),
-        ("hold", "AAA", "NOPE"),
-        ("release", "NOPE"),
-        ("delete", "NOPE", "AAA"),
-        ("flush", "NOPE"),
-        ("bounce", "NOPE"),
-    ],
-)
-def test_unknown_ids_are_named_exit_1_and_change_nothing(
-    config: Path, queue: Store, args: tuple[str, ...]
-) -> None:
-    before = queue.list_messages()
-    assert relay("queue", *args, config=config) == (
+def test_show_of_an_unknown_id_is_exit_1(config: Path, queue: Store) -> None:
+    assert relay("queue", "show", "NOPE", config=config) == (
         1,
         "",
         "relay: no such message in the queue: NOPE\n",
     )
-    assert queue.list_messages() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "out"),
+    [
+        (("hold", "AAA", "NOPE"), "AAA: held\n"),
+        (("release", "NOPE"), ""),
+        (("delete", "NOPE", "AAA"), "AAA: deleted\n"),
+        (("flush", "NOPE"), ""),
+        (("bounce", "NOPE"), ""),
+    ],
+)
+def test_a_batch_acts_on_every_known_id_names_each_unknown_and_exits_1(
+    config: Path, queue: Store, args: tuple[str, ...], out: str
+) -> None:
+    """Like postsuper: one typo in a list of twenty ids must not leave the other nineteen."""
+    assert relay("queue", *args, config=config) == (
+        1,
+        out,
+        "relay: NOPE: no such message in the queue\n",
+    )
+    if "AAA" in args:
+        with open_store(queue_path(config)) as store:
+            row = store.get("AAA")
+        assert row is None if args[0] == "delete" else row is not None and row.state == HELD
 
 
 @pytest.mark.parametrize(
@@ -338,6 +359,9 @@ def test_unknown_ids_are_named_exit_1_and_change_nothing(
         ("queue", "delete"),
         ("queue", "bounce"),
         ("queue", "show", "AAA", "--config"),
+        ("queue", "hold", "--all", "AAA"),
+        ("queue", "delete", "--all", "--domain", "example.test"),
+        ("queue", "hold", "--older-than", "soon"),
         ("serve", "--log-format", "xml"),
     ],
 )
@@ -346,6 +370,46 @@ def test_bad_arguments_exit_2_with_usage(config: Path, args: tuple[str, ...]) ->
     assert result.returncode == 2
     assert result.stdout == b""
     assert b"Error: " in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "out", "left"),
+    [
+        (("hold", "--from", "alice@client.test"), "held 1 message\n", {"AAA": HELD, "BBB": HELD}),
+        (("release", "--all"), "released 2 messages\n", {"AAA": QUEUED, "BBB": QUEUED}),
+        (("delete", "--from", "<>"), "deleted 1 message\n", {"AAA": QUEUED}),
+        (("delete", "--older-than", "1d"), "deleted 1 message\n", {"BBB": HELD}),
+        (("delete", "--older-than", "3d"), "deleted 0 messages\n", {"AAA": QUEUED, "BBB": HELD}),
+        # b@example.test was delivered: only a@ is still waiting in AAA
+        (("bounce", "--to", "B@example.test"), "bounce requested for 0 messages\n", None),
+        (
+            ("delete", "--domain", "EXAMPLE.test", "--to", "c@example.test"),
+            "deleted 1 message\n",
+            {"AAA": QUEUED},
+        ),
+        (("flush", "--domain", "example.test"), "flushed 1 message\n", None),  # BBB is held
+    ],
+)
+def test_commands_select_by_domain_sender_recipient_and_age(
+    config: Path, queue: Store, args: tuple[str, ...], out: str, left: dict[str, str] | None
+) -> None:
+    assert relay("queue", *args, config=config) == (0, out, "")
+    with open_store(queue_path(config)) as store:
+        states = {m.id: m.state for m in store.list_messages()}
+    assert states == (left or {"AAA": QUEUED, "BBB": HELD})
+
+
+def test_every_operator_action_is_audited_with_who_ran_it(config: Path, queue: Store) -> None:
+    relay("queue", "hold", "AAA", config=config)
+    relay("queue", "release", "--all", config=config)
+    relay("queue", "delete", "NOPE", config=config)  # nothing done: nothing to audit
+    with open_store(queue_path(config)) as store:
+        entries = store.unlogged_audit()
+    assert [(e.action, e.ids, e.uid) for e in entries] == [
+        ("hold", ["AAA"], os.getuid()),
+        ("release", ["AAA", "BBB"], os.getuid()),
+    ]
+    assert entries[0].user == pwd.getpwuid(os.getuid()).pw_name
 
 
 def test_a_queue_from_a_newer_relay_is_one_line_and_exit_1(config: Path, queue: Store) -> None:
@@ -522,6 +586,16 @@ async def test_cli_changes_reach_a_running_server_within_two_seconds(
         await within_two_seconds(f"held@{DOMAIN}")
         await asyncio.to_thread(wait_for, lambda: not states(config), "an empty queue")
         assert sorted(delivered_to()) == [f"held@{DOMAIN}", f"kept@{DOMAIN}"]
+
+        # The audit trail: each command's line in the server's log, with who ran it.
+        user = f"uid {os.getuid()} ({pwd.getpwuid(os.getuid()).pw_name})"
+        expected = [f"{user} ran hold", f"{user} ran flush", f"{user} ran release"]
+
+        def audited() -> list[str]:
+            return re.findall(r"operator: (uid \d+ \(\S+\) ran \w+)", server.log())
+
+        await asyncio.to_thread(wait_for, lambda: audited() == expected, "the audit lines")
+        assert re.search(r"ran hold at \S+ on 1 message: HELD$", server.log(), re.M)
         assert await asyncio.to_thread(server.stop) == 0
     finally:
         await primary.stop()

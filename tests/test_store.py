@@ -24,13 +24,15 @@ from relay.store import (
     HELD,
     QUEUED,
     SCHEMA_VERSION,
+    Actor,
     AsyncStore,
     NewMessage,
     NewRecipient,
+    Operated,
     Outcome,
+    Selection,
     StorageError,
     Store,
-    UnknownMessage,
     new_queue_id,
 )
 from tests.conftest import open_store
@@ -51,11 +53,12 @@ def message(
     *recipients: str,
     received_at: float = T0,
     body: bytes = b"Subject: x\r\n\r\nbody\r\n",
+    sender: str = "sender@client.test",
     **fields: object,
 ) -> NewMessage:
     return NewMessage(
         id=queue_id,
-        sender="sender@client.test",
+        sender=sender,
         recipients=tuple(NewRecipient(r) for r in recipients or ("bob@example.test",)),
         body=body,
         received_at=received_at,
@@ -378,13 +381,13 @@ def test_hold_keeps_a_message_out_of_delivery_until_released(db: Store, clock: C
     db.put(message("A", "a@example.test"))
     db.put(message("B", "b@example.test"))
     defer(db, "A", "a@example.test", until=T0 + 3600)
-    assert db.hold(["A", "B"]) == ["A", "B"]
+    assert db.hold(["A", "B"]).done == ["A", "B"]
     assert [m.state for m in db.list_messages()] == [HELD, HELD]
     clock.now = T0 + 7200
     assert db.due(clock.now) == [] and db.next_due_at() is None
 
     clock.now = T0 + 100
-    assert db.release(["A"]) == ["A"]
+    assert db.release(["A"]).done == ["A"]
     # Released means due now, like `postsuper -H`, not at the old retry time.
     assert recipients_of(db, "A") == [("a@example.test", QUEUED, T0 + 100, False)]
     assert [m.id for m in db.due(clock.now)] == ["A"]
@@ -397,14 +400,15 @@ def test_flush_makes_queued_mail_due_now_but_not_held_mail(db: Store, clock: Clo
         defer(db, queue_id, f"{queue_id.lower()}@example.test", until=T0 + 3600)
     db.hold(["C"])
     clock.now = T0 + 60
-    assert db.flush() == ["A", "B"]
+    assert db.flush() == Operated(["A", "B"])
     assert [m.id for m in db.due(clock.now)] == ["A", "B"]
     assert recipients_of(db, "C")[0][2] == T0 + 3600
 
     defer(db, "A", "a@example.test", until=T0 + 7200)
     defer(db, "B", "b@example.test", until=T0 + 7200)
     clock.now = T0 + 120
-    assert db.flush(["B"]) == ["B"]
+    assert db.flush(["B"]) == Operated(["B"])
+    assert db.flush(["C"]) == Operated([], skipped=["C"])  # held stays held
     assert [m.id for m in db.due(clock.now)] == ["B"]
 
 
@@ -412,7 +416,7 @@ def test_delete_removes_every_trace_of_a_message(db: Store) -> None:
     db.put(message("A", "a@example.test", "b@example.test"))
     defer(db, "A", "a@example.test", until=T0 + 60)
     db.put(message("B"))
-    assert db.delete(["A"]) == ["A"]
+    assert db.delete(["A"]).done == ["A"]
     for table in ("messages", "bodies", "recipients", "attempts"):
         assert table_rows(db, table, "A") == 0, table
     assert [m.id for m in db.list_messages()] == ["B"]
@@ -429,7 +433,7 @@ def test_bounce_marks_the_waiting_recipients_and_releases_a_held_message(
     db.transaction(lambda s: s.record("A", outcomes))
     db.hold(["A"])
     clock.now = T0 + 5
-    assert db.request_bounce(["A"]) == ["A"]
+    assert db.request_bounce(["A"]).done == ["A"]
     assert db.get("A").state == QUEUED  # type: ignore[union-attr]
     assert recipients_of(db, "A") == [
         ("done@example.test", DELIVERED, 0.0, False),
@@ -438,15 +442,71 @@ def test_bounce_marks_the_waiting_recipients_and_releases_a_held_message(
 
 
 @pytest.mark.parametrize("command", ["hold", "release", "delete", "flush", "request_bounce"])
-def test_unknown_ids_fail_the_whole_command_and_change_nothing(db: Store, command: str) -> None:
+def test_unknown_ids_are_reported_and_the_known_ones_acted_on(db: Store, command: str) -> None:
+    """Like postsuper: a batch with a typo still acts on every id it can find."""
     db.put(message("A"))
+    db.put(message("B"))
     db.hold(["A"]) if command == "release" else None
-    before = db.get("A")
-    with pytest.raises(UnknownMessage) as caught:
-        getattr(db, command)(["A", "NOPE", "ALSO-NOPE"])
-    assert caught.value.ids == ["NOPE", "ALSO-NOPE"]
-    assert str(caught.value) == "NOPE, ALSO-NOPE"
-    assert db.get("A") == before
+    before = db.get("B")
+    done = getattr(db, command)(["A", "NOPE", "ALSO-NOPE"])
+    assert done == Operated(["A"], missing=["NOPE", "ALSO-NOPE"])
+    assert db.get("B") == before
+
+
+def _selectable(db: Store, clock: Clock) -> None:
+    db.put(message("OLD", "a@example.test", sender="alice@client.test"))
+    later = T0 + 3600
+    db.put(message("NEW", "b@other.test", "c@example.test", sender="", received_at=later))
+    db.put(
+        message(
+            "DONE",
+            "d@example.test",
+            "e@other.test",
+            sender="Alice@Client.test",
+            received_at=later + 1,
+        )
+    )
+    delivered = [Outcome("d@example.test", DELIVERED, "250 ok", "mx")]
+    db.transaction(lambda s: s.record("DONE", delivered))
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        (Selection(domain="example.test"), ["OLD", "NEW"]),
+        (Selection(domain="other.test"), ["NEW", "DONE"]),
+        (Selection(sender="alice@client.test"), ["OLD", "DONE"]),
+        (Selection(sender=""), ["NEW"]),
+        (Selection(recipient="C@example.test"), ["NEW"]),
+        (Selection(recipient="d@example.test"), []),  # delivered: no longer waiting there
+        (Selection(received_before=T0 + 1800), ["OLD"]),
+        (Selection(domain="example.test", sender=""), ["NEW"]),
+        (Selection(everything=True), ["OLD", "NEW", "DONE"]),
+        (Selection(), []),
+    ],
+)
+def test_selection_matches_every_criterion_given(
+    db: Store, clock: Clock, selection: Selection, expected: list[str]
+) -> None:
+    _selectable(db, clock)
+    assert db.select(selection) == expected
+
+
+def test_a_selected_action_is_audited_in_its_own_transaction(db: Store, clock: Clock) -> None:
+    _selectable(db, clock)
+    who = Actor(1000, "alice")
+    assert db.hold(["NOPE"], Selection(domain="other.test"), who).done == ["NEW", "DONE"]
+    db.flush(actor=who)
+    [entry, flushed] = db.unlogged_audit()
+    assert (entry.uid, entry.user, entry.action, entry.ids) == (
+        1000,
+        "alice",
+        "hold",
+        ["NEW", "DONE"],
+    )
+    assert (flushed.action, flushed.ids) == ("flush", ["OLD"])
+    db.transaction(lambda s: s.mark_audit_logged(entry.id, forget_before=0))
+    assert [e.action for e in db.unlogged_audit()] == ["flush"]
 
 
 # -- delivery results and gauges ----------------------------------------------------------------
