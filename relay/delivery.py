@@ -151,6 +151,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """Polls the queue (CLI changes show within a second) and whenever woken."""
+        await self.restore()
         while not self._stopping:
             try:
                 await self.tick()
@@ -503,6 +504,33 @@ class Scheduler:
             self._persist(dest)
         self._ensure_probe(dest.name)
 
+    async def restore(self) -> None:
+        """Takes up what an earlier run knew of each destination: a restart on day 3 of an
+        outage still says "down since day 0", in `relay status`, the metrics and the log.
+
+        A destination that was down gets its probe at once (the primary may have come back
+        while we were stopped); until that probe answers, its mail is deferred as before.
+        """
+        try:
+            states = await self.store.run(Store.destinations)
+        except StorageError as exc:
+            log.warning("destination states not restored: %s", exc)
+            return
+        for name, state in states.items():
+            dest = self.destination(name)
+            dest.up, dest.since = state.up, state.since
+            dest.last_error, dest.last_success = state.last_error, state.last_success
+            if self.config.domain(name) is not None:
+                if state.up is not None:
+                    metrics.primary_up.labels(name).set(int(state.up))
+                if state.last_success is not None:
+                    metrics.primary_last_success.labels(name).set(state.last_success)
+            if state.up is False:
+                since = _timestamp(state.since)
+                log.info("%s: destination down since %s (restored): probing", name, since)
+                dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
+                self._ensure_probe(name, first_delay=0.0)
+
     def _persist(self, dest: Destination) -> None:
         """Saves the up/down change for `relay status`; never blocks a delivery on it."""
         state = DestinationState(dest.name, dest.up, dest.since, dest.last_error, dest.last_success)
@@ -516,16 +544,18 @@ class Scheduler:
         except StorageError as exc:
             log.warning("%s: could not save the destination's state: %s", state.domain, exc)
 
-    def _ensure_probe(self, domain: str) -> None:
+    def _ensure_probe(self, domain: str, first_delay: float | None = None) -> None:
         task = self._probes.get(domain)
         if task is None or task.done():
-            self._probes[domain] = asyncio.create_task(self._probe_loop(domain))
+            self._probes[domain] = asyncio.create_task(self._probe_loop(domain, first_delay))
 
-    async def _probe_loop(self, domain: str) -> None:
+    async def _probe_loop(self, domain: str, first_delay: float | None = None) -> None:
         """Every probe_interval: banner, EHLO, QUIT. The first success releases all the mail."""
         dest = self.destination(domain)
+        delay = self.config.delivery.probe_interval if first_delay is None else first_delay
         while dest.up is False and not self._stopping:
-            await asyncio.sleep(self.config.delivery.probe_interval)
+            await asyncio.sleep(delay)
+            delay = self.config.delivery.probe_interval
             try:
                 self._routes.pop(domain, None)  # DNS may have changed during the outage
                 hops = await self._route(domain)
@@ -823,6 +853,12 @@ class _RouteFailed(Exception):
     def __init__(self, reason: RouteError | SessionError) -> None:
         super().__init__(str(reason))
         self.reason = reason
+
+
+def _timestamp(moment: float | None) -> str:
+    if moment is None:
+        return "an unknown time"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 def _domain(address: str) -> str:

@@ -326,3 +326,50 @@ def test_json_log_lines_carry_the_queue_id(tmp_path: Path) -> None:
     assert len(accepted) == 1
     assert accepted[0]["level"] == "info"
     assert {"time", "logger", "message"} <= set(accepted[0])
+
+
+async def test_a_restart_during_an_outage_keeps_down_since_and_the_metrics(
+    tmp_path: Path, relay_process: Callable[[Path], Any], fake_primary: StartPrimary
+) -> None:
+    """Day 3 of an outage, the relay restarts (SIGKILL here): `relay status`, the metrics and
+    the log still say "down since day 0", and recovery still delivers what was queued."""
+    port = unused_port(PRIMARY_ADDRESS)
+    config = write_config(
+        tmp_path,
+        metrics={"listen": "127.0.0.1:0"},
+        delivery={"probe_interval": "1s"},
+        domain=primary_domain(port),
+    )
+
+    def status() -> dict[str, Any]:
+        done = subprocess.run(
+            relay_command("status", "--json", "--config", str(config)),
+            capture_output=True,
+            text=True,
+            env=relay_env(),
+            timeout=30,
+        )
+        return dict(json.loads(done.stdout)[0])
+
+    server = await asyncio.to_thread(relay_process, config)
+    assert server.address is not None
+    await asyncio.to_thread(send_mail, server.address, [f"bob@{DOMAIN}"])
+    down = await wait_until(
+        lambda: (s := status())["primary"] == "down" and s, "the primary seen down"
+    )
+    await asyncio.to_thread(server.kill)
+
+    server.start()
+    base = server.metrics_base()
+    assert base is not None
+    samples = await asyncio.to_thread(scrape, base + "/metrics")
+    assert sample(samples, "relay_primary_up", domain=DOMAIN) == 0
+    assert f"{DOMAIN}: destination down since " in server.log()
+    # New mail after the restart is deferred against the old outage, not a new one.
+    await asyncio.to_thread(send_mail, server.address, [f"carol@{DOMAIN}"])
+    await wait_until(lambda: status()["queued_messages"] == 2, "the second message queued")
+    assert status()["since"] == down["since"]
+
+    primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
+    await wait_until(lambda: len(primary.delivered) == 2, "both messages delivered", 20)
+    assert status()["primary"] == "up"
