@@ -21,6 +21,7 @@ from relay.config import Config, ConfigError
 from relay.store import (
     HELD,
     Actor,
+    DomainSummary,
     ListingRow,
     MessageRow,
     Operated,
@@ -488,16 +489,19 @@ def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]
     names = [d.name for d in cfg.domains] + sorted(set(summary) - {d.name for d in cfg.domains})
     report = []
     for name in names:
-        messages, recipients, first = summary.get(name, (0, 0, now))
+        waiting = summary.get(name) or DomainSummary()
         state = states.get(name)
         up = None if state is None else state.up
         report.append(
             {
                 "domain": name,
                 "configured": cfg.domain(name) is not None,
-                "queued_messages": messages,
-                "queued_recipients": recipients,
-                "oldest_age_seconds": round(now - first, 1) if messages else 0,
+                "queued_messages": waiting.messages,
+                "queued_recipients": waiting.recipients,
+                "held_messages": waiting.held_messages,
+                "oldest_age_seconds": (
+                    round(now - waiting.oldest, 1) if waiting.oldest is not None else 0
+                ),
                 "primary": "unknown" if up is None else ("up" if up else "down"),
                 "since": _rfc3339(state.since) if state else None,
                 "last_success": _rfc3339(state.last_success) if state else None,
@@ -517,13 +521,13 @@ def status(config_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{'DOMAIN':<28} {'MSGS':>6} {'RCPTS':>6} {'OLDEST':>7}  PRIMARY")
+    click.echo(f"{'DOMAIN':<28} {'MSGS':>6} {'RCPTS':>6} {'OLDEST':>7} {'HELD':>5}  PRIMARY")
     for row in report:
         oldest = _age(row["oldest_age_seconds"]) if row["queued_messages"] else "-"
         primary = row["primary"] + (f" since {row['since']}" if row["since"] else "")
         click.echo(
             f"{row['domain']:<28} {row['queued_messages']:>6} {row['queued_recipients']:>6}"
-            f" {oldest:>7}  {primary}"
+            f" {oldest:>7} {row['held_messages']:>5}  {primary}"
         )
         if row["last_error"]:
             click.echo(f"{'':<28} last error: {row['last_error']}")

@@ -228,9 +228,7 @@ class Relay:
             policy=self.policy,
         )
         self.metrics_server = MetricsServer(cfg.queue.path, problems=self._problems)
-        self._collector = metrics.QueueCollector(
-            self.metrics_server.snapshot, [d.name for d in cfg.domains]
-        )
+        self._collector = metrics.QueueCollector(self.metrics_server.snapshot, self._down)
         self.smtp_servers: list[asyncio.Server] = []
         self.http_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
@@ -245,6 +243,17 @@ class Relay:
         found += self.store.problems()
         blocked = self.scheduler.blocked if self.scheduler is not None else None
         return found + ([blocked] if blocked else [])
+
+    def _export_settings(self) -> None:
+        """The settings alert rules need: how old mail gets, and whether expiry bounces it."""
+        metrics.queue_lifetime.set(self.config.queue.lifetime)
+        metrics.queue_bounces_on_expiry.set(int(self.config.queue.on_expiry == "bounce"))
+
+    def _down(self) -> list[str]:
+        """Domains whose primary is down now: their queue series stay in the scrape at zero."""
+        if self.scheduler is None:
+            return []
+        return [name for name, dest in self.scheduler.destinations.items() if dest.up is False]
 
     def _destination(self, domain: str) -> DestinationView | None:
         return self.scheduler.destinations.get(domain) if self.scheduler is not None else None
@@ -267,6 +276,7 @@ class Relay:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         metrics.REGISTRY.register(self._collector)
+        self._export_settings()
         await self.policy.start()
         for host, port in self.config.smtp.listen:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -347,6 +357,7 @@ class Relay:
         if new.smtp.listen != self.config.smtp.listen or new.queue.path != self.config.queue.path:
             log.warning("reload: smtp.listen and queue.path changes need a restart")
         self.config = new
+        self._export_settings()
         self.policy.reload()
         try:
             self._tls = tls_context(new)

@@ -157,8 +157,11 @@ class QueueSnapshot:
     """What the queue gauges show (relay.metrics), computed here in one read transaction."""
 
     messages_by_state: dict[str, int]
+    # Waiting recipients of messages that will be delivered or expire (held ones excluded).
     recipients_by_domain: dict[str, int]
     oldest_age_by_domain: dict[str, float]
+    # Held messages (on_expiry = "hold", `relay queue hold`) with a recipient in each domain.
+    held_by_domain: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,16 @@ class Outcome:
     reply: str
     host: str = ""
     next_attempt_at: float = 0.0
+
+
+@dataclass
+class DomainSummary:
+    """One domain's line of `relay status`: waiting mail, and held mail apart from it."""
+
+    messages: int = 0
+    recipients: int = 0
+    oldest: float | None = None  # arrival of the oldest waiting (not held) message
+    held_messages: int = 0
 
 
 @dataclass(frozen=True)
@@ -653,6 +666,7 @@ class Store:
         now = self.clock()
         by_domain: dict[str, int] = {}
         oldest: dict[str, float] = {}
+        held: dict[str, int] = {}
         # A savepoint is a read transaction outside one and a no-op nesting inside one, so the
         # two queries see the same commit either way.
         self.conn.execute("SAVEPOINT snapshot")
@@ -660,29 +674,37 @@ class Store:
             by_state = dict(
                 self.conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state")
             )
-            for domain, count, first in self.conn.execute(
-                "SELECT r.domain, COUNT(*), MIN(m.received_at) FROM recipients r"
-                " JOIN messages m ON m.id = r.message_id WHERE r.state = ? GROUP BY r.domain",
+            for domain, state, count, messages, first in self.conn.execute(
+                "SELECT r.domain, m.state, COUNT(*), COUNT(DISTINCT m.id), MIN(m.received_at)"
+                " FROM recipients r JOIN messages m ON m.id = r.message_id WHERE r.state = ?"
+                " GROUP BY r.domain, m.state",
                 (QUEUED,),
             ):
+                if state == HELD:
+                    held[domain] = messages
+                    continue
                 by_domain[domain] = count
                 oldest[domain] = max(0.0, now - first)
         finally:
             self.conn.execute("RELEASE snapshot")
-        return QueueSnapshot(by_state, by_domain, oldest)
+        return QueueSnapshot(by_state, by_domain, oldest, held)
 
     @_translated
-    def domain_summary(self) -> dict[str, tuple[int, int, float]]:
-        """Per recipient domain: (messages, recipients) still waiting, and the oldest arrival."""
-        return {
-            domain: (messages, recipients, first)
-            for domain, messages, recipients, first in self.conn.execute(
-                "SELECT r.domain, COUNT(DISTINCT r.message_id), COUNT(*), MIN(m.received_at)"
-                " FROM recipients r JOIN messages m ON m.id = r.message_id"
-                " WHERE r.state = ? GROUP BY r.domain",
-                (QUEUED,),
-            )
-        }
+    def domain_summary(self) -> dict[str, DomainSummary]:
+        """Per recipient domain: mail waiting (held apart) and the oldest waiting arrival."""
+        found: dict[str, DomainSummary] = {}
+        for domain, state, messages, recipients, first in self.conn.execute(
+            "SELECT r.domain, m.state, COUNT(DISTINCT r.message_id), COUNT(*), MIN(m.received_at)"
+            " FROM recipients r JOIN messages m ON m.id = r.message_id"
+            " WHERE r.state = ? GROUP BY r.domain, m.state",
+            (QUEUED,),
+        ):
+            summary = found.setdefault(domain, DomainSummary())
+            if state == HELD:
+                summary.held_messages = messages
+            else:
+                summary.messages, summary.recipients, summary.oldest = messages, recipients, first
+        return found
 
     def save_destination(self, state: DestinationState) -> None:
         self.conn.execute(

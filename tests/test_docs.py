@@ -80,7 +80,7 @@ def declared_metrics() -> Iterator[tuple[str, str, tuple[str, ...]]]:
             kind = str(value._type)  # prometheus-client keeps name, type and labels private
             name = value._name + ("_total" if kind == "counter" else "")
             yield name, kind, tuple(value._labelnames)
-    collector = metrics.QueueCollector(lambda: metrics.QueueSnapshot({}, {}, {}), [])
+    collector = metrics.QueueCollector(lambda: metrics.QueueSnapshot({}, {}, {}))
     for family in collector.describe():
         yield family.name, family.type, tuple(getattr(family, "_labelnames", ()))
     yield "relay_smtp_connections_total", "counter", ()

@@ -245,7 +245,7 @@ async def test_status_shows_queue_and_primary_state(
     table = await asyncio.to_thread(run)
     assert table.returncode == 0
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["DOMAIN", "MSGS", "RCPTS", "OLDEST", "PRIMARY"]
+    assert lines[0].split() == ["DOMAIN", "MSGS", "RCPTS", "OLDEST", "HELD", "PRIMARY"]
     assert lines[1].split()[:3] == [DOMAIN, "2", "2"]
     assert "down since" in lines[1]
     assert "last error: 421 4.4.1 connection refused" in table.stdout
@@ -373,3 +373,43 @@ async def test_a_restart_during_an_outage_keeps_down_since_and_the_metrics(
     primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
     await wait_until(lambda: len(primary.delivered) == 2, "both messages delivered", 20)
     assert status()["primary"] == "up"
+
+
+async def test_held_mail_is_counted_apart_and_quiet_domains_have_no_series(
+    relay_factory: StartRelay, tmp_path: Path
+) -> None:
+    """Held mail is neither delivered nor expired: the waiting-mail gauges, `relay status` and
+    the near-expiry alerts leave it out; it has a series and a column of its own. Domains with
+    nothing queued and a primary that is not down export no per-domain series."""
+    port = unused_port(PRIMARY_ADDRESS)
+    quiet = {"name": "quiet.test", "primary": ["127.0.0.1:1"]}
+    server = await relay_factory(domain=[*primary_domain(port), quiet])
+    _, held = await send(server, 2)
+    await wait_until(lambda: seen_down(server), "the relay to find the primary down")
+    config_path = write_config(tmp_path, "cli.toml", queue={"path": server.config.queue.path})
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            relay_command(*args, "--config", str(config_path)),
+            capture_output=True,
+            text=True,
+            env=relay_env(),
+            timeout=30,
+            check=True,
+        )
+        return done.stdout
+
+    assert await asyncio.to_thread(cli, "queue", "hold", held) == f"{held}: held\n"
+    samples = await asyncio.to_thread(scrape, metrics_url(server))
+    assert sample(samples, "relay_queue_recipients", domain=DOMAIN) == 1
+    assert sample(samples, "relay_queue_held_messages", domain=DOMAIN) == 1
+    assert sample(samples, "relay_queue_messages", state="held") == 1
+    assert sample(samples, "relay_queue_lifetime_seconds") == server.config.queue.lifetime
+    assert sample(samples, "relay_queue_bounces_on_expiry") == 1
+    assert not [key for key in samples if ("domain", "quiet.test") in key[1]]
+
+    report = json.loads(await asyncio.to_thread(cli, "status", "--json"))
+    mine = next(row for row in report if row["domain"] == DOMAIN)
+    assert (mine["queued_messages"], mine["queued_recipients"], mine["held_messages"]) == (1, 1, 1)
+    row = (await asyncio.to_thread(cli, "status")).splitlines()[1].split()
+    assert (row[0], row[1], row[2], row[4]) == (DOMAIN, "1", "1", "1")
