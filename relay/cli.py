@@ -29,6 +29,7 @@ from relay.store import (
     StorageError,
     Store,
     UnknownMessage,
+    address_key,
 )
 from relay.words import plural, summarize
 
@@ -480,6 +481,111 @@ _OPERATOR_COMMANDS: tuple[tuple[str, str, Callable[..., Operated], str], ...] = 
 )
 for _name, _help, _action, _verb in _OPERATOR_COMMANDS:
     _operator_command(_name, _help, _action, _verb)
+
+
+# -- relay recipients ---------------------------------------------------------------------------
+
+
+@main.group()
+def recipients() -> None:
+    """The mailboxes the relay knows exist (verify = "callout"): import, list, forget.
+
+    Installed during an outage, a callout relay knows nobody and tempfails every recipient;
+    `relay recipients import` gives it the list the primary cannot. Entries live where callout
+    answers do, and count down their TTL only while the primary can be asked.
+    """
+
+
+def _parse_import(lines: Sequence[str], cfg: Config) -> tuple[list[str], list[str]]:
+    """(addresses to import, one problem per refused line)."""
+    good: list[str] = []
+    problems: list[str] = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip().strip("<>")
+        if not line:
+            continue
+        local, at, domain = line.rpartition("@")
+        settings = cfg.domain(domain.lower().rstrip(".")) if at else None
+        if not local or not at or not domain or any(c.isspace() for c in line):
+            problems.append(f"line {number}: {raw.strip()!r} is not an address (local@domain)")
+        elif settings is None:
+            problems.append(f"line {number}: {line}: {domain} is not a configured domain")
+        elif settings.verify != "callout":
+            problems.append(
+                f'line {number}: {line}: {settings.name} does not use verify = "callout"'
+                " (list its mailboxes in recipients or recipients_file instead)"
+            )
+        else:
+            good.append(address_key(line))
+    return list(dict.fromkeys(good)), problems
+
+
+@recipients.command("import")
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+@config_option
+def recipients_import(source: Any, config_path: str | None) -> None:
+    """Remember addresses as existing mailboxes: one per line from FILE, or - for stdin.
+
+    Lines may carry # comments. A line that is not an address of a configured callout domain is
+    named on stderr and skipped; the exit code is then 1.
+    """
+    cfg, _ = _load_config(config_path)
+    addresses, problems = _parse_import(source.read().splitlines(), cfg)
+    now = time.time()
+
+    def remember(store: Store) -> None:
+        store.save_verdicts([(address, True, now) for address in addresses])
+        if addresses:
+            store.audit("import", addresses, actor())
+
+    _with_store(config_path, lambda store: store.transaction(remember), cfg)
+    click.echo(f"imported {plural(len(addresses), 'address')}")
+    for problem in problems:
+        click.echo(f"relay: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+
+
+@recipients.command("list")
+@click.option("--domain", help="Only this domain's addresses.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@config_option
+def recipients_list(domain: str | None, as_json: bool, config_path: str | None) -> None:
+    """Every remembered address: exists or refused, and when the primary (or an import) said so."""
+    rows = _with_store(config_path, lambda store: store.verdicts())
+    if domain:
+        suffix = "@" + domain.lower().rstrip(".")
+        rows = [r for r in rows if r[0].endswith(suffix)]
+    rows.sort()
+    if as_json:
+        listing = [{"address": a, "exists": ok, "checked_at": _rfc3339(at)} for a, ok, at in rows]
+        click.echo(json.dumps(listing, indent=2, ensure_ascii=False))
+        return
+    for address, accepted, at in rows:
+        click.echo(f"{address}  {'exists' if accepted else 'refused'}  {_rfc3339(at)}")
+    click.echo(f"-- {plural(len(rows), 'address')}")
+
+
+@recipients.command("forget")
+@click.argument("addresses", nargs=-1, required=True)
+@config_option
+def recipients_forget(addresses: tuple[str, ...], config_path: str | None) -> None:
+    """Drop what is remembered of ADDRESSES: the next RCPT asks the primary again."""
+
+    def forget(store: Store) -> list[str]:
+        known = store.forget_addresses(addresses)
+        if known:
+            store.audit("forget", known, actor())
+        return known
+
+    known = _with_store(config_path, lambda store: store.transaction(forget))
+    for key in known:
+        click.echo(f"{key}: forgotten")
+    missing = [a for a in addresses if address_key(a) not in known]
+    for address in missing:
+        click.echo(f"relay: {address}: not remembered", err=True)
+    if missing:
+        sys.exit(1)
 
 
 def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import _ssl
 import asyncio
 import json
+import os
 import ssl
 import time
 import urllib.error
@@ -37,6 +38,8 @@ from relay.config import Config, DomainConfig, parse_hostport
 from relay.courier import SessionError, probe
 from relay.mx import NXDOMAIN, Hop, RouteError, Router, is_local_address
 from relay.service import tls_context
+from relay.store import StorageError, Store
+from relay.words import plural
 
 OK = "ok"
 WARNING = "warning"
@@ -60,7 +63,7 @@ class Finding:
     """One thing the doctor looked at: what it saw and, unless all is well, what to do."""
 
     status: str  # one of STATUSES
-    check: str  # "address", "tls", "mx", "primary" or "mta-sts"
+    check: str  # "address", "tls", "mx", "primary", "recipients" or "mta-sts"
     subject: str  # the host name, certificate file or domain it is about
     message: str
     fix: str = ""
@@ -126,7 +129,58 @@ async def _check_domain(context: _Context, domain: DomainConfig) -> list[Finding
     mx, primary, sts = await asyncio.gather(
         check_mx(context, domain), check_primary(context, domain), check_mta_sts(context, domain)
     )
-    return [*mx, *primary, *sts]
+    primary_down = any(f.status == PROBLEM for f in primary)
+    known = await asyncio.to_thread(known_mailboxes, context.cfg.queue.path, domain.name)
+    return [*mx, *primary, *check_recipients(domain, primary_down, known), *sts]
+
+
+def known_mailboxes(queue_path: str, domain: str) -> int:
+    """Mailboxes of `domain` the queue database remembers as existing (callouts, imports)."""
+    if not os.path.exists(queue_path):
+        return 0
+    try:
+        store = Store(queue_path)
+    except StorageError:
+        return 0
+    try:
+        suffix = "@" + domain
+        return sum(1 for address, ok, _ in store.verdicts() if ok and address.endswith(suffix))
+    except StorageError:
+        return 0
+    finally:
+        store.close()
+
+
+def check_recipients(domain: DomainConfig, primary_down: bool, known: int) -> list[Finding]:
+    """Would a callout domain tempfail every recipient if (or because) its primary is down?
+
+    A relay installed in the middle of an outage has asked the primary nothing yet: with
+    `verify = "callout"` it then answers 450 to everyone, which delays the very mail it exists
+    to take. The fix is to give it the list of mailboxes.
+    """
+    if domain.verify != "callout" or domain.verify_unknown_while_down == "accept":
+        return []
+    if domain.recipients or domain.recipients_file:
+        return []  # listed mailboxes are accepted whatever the primary does
+    fix = (
+        "relay recipients import FILE (one address per line, e.g. exported from the primary),"
+        ' or list them in recipients_file, or set verify_unknown_while_down = "accept" for'
+        " the length of the outage"
+    )
+    if known == 0 and primary_down:
+        message = (
+            "every recipient gets 450 4.1.1 right now: the primary cannot be asked"
+            ' (verify = "callout") and no mailbox is known yet'
+        )
+        return [Finding(PROBLEM, "recipients", domain.name, message, fix)]
+    if known == 0:
+        message = (
+            "no mailbox known yet: callouts work while the primary answers, but if it went down"
+            " now every recipient would get 450 4.1.1"
+        )
+        return [Finding(WARNING, "recipients", domain.name, message, fix)]
+    message = f"{plural(known, 'mailbox', 'mailboxes')} known: accepted while the primary is down"
+    return [Finding(OK, "recipients", domain.name, message)]
 
 
 def exit_code(findings: Iterable[Finding]) -> int:

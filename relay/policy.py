@@ -25,6 +25,7 @@ happens during an outage, which is exactly when they are needed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -37,7 +38,8 @@ from relay.config import Config, DomainConfig
 from relay.courier import Reply, SessionError, probe, verify_recipient
 from relay.limits import Refusal
 from relay.mx import Hop, RouteError, Router
-from relay.store import AsyncStore, StorageError, Store
+from relay.store import AsyncStore, DestinationState, StorageError, Store, address_key
+from relay.words import plural
 
 log = logging.getLogger("relay.policy")
 
@@ -78,6 +80,9 @@ class DestinationView(Protocol):
     @property
     def last_success(self) -> float | None: ...
 
+    @property
+    def since(self) -> float | None: ...
+
 
 class Verifier(Protocol):
     def __call__(
@@ -89,10 +94,7 @@ class Prober(Protocol):
     def __call__(self, hop: Hop, *, helo: str, timeout: float) -> Awaitable[Reply]: ...
 
 
-def cache_key(address: str) -> str:
-    """Local part as sent (RFC 5321 2.4: it may be case-sensitive), domain in lower case."""
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}"
+cache_key = address_key  # the remembered answers' key, shared with `relay recipients`
 
 
 # -- static lists ------------------------------------------------------------------------------
@@ -177,57 +179,92 @@ class Verdict:
     accepted: bool
     at: float  # when the primary said so (clock time)
     written: float  # when it was last handed to the store
+    seq: int = 0  # order of `put` calls, so that a reload keeps what it could not have read
+
+
+def verdict_age(checked_at: float, now: float, down_since: float | None) -> float:
+    """How long the primary could have been asked about an address since it last answered.
+
+    A time-to-live counts only time the primary was reachable: a mailbox verified 7 days ago is
+    still known on day 7 of an outage, since nobody could have told us otherwise. Time from the
+    start of the current outage on does not count (an answer given, or an address imported,
+    during the outage is as fresh as it gets until the primary returns).
+    """
+    end = now if down_since is None else min(now, max(down_since, checked_at))
+    return end - checked_at
 
 
 class VerdictCache:
     """What the primary said about each address, in memory and written through to the queue db.
 
     Writes are batched and never block an SMTP reply: a failed write is logged and the answer is
-    still used from memory. The time-to-live is applied at lookup with the domain's current
-    settings, so a changed TTL applies to what is already remembered.
+    still used from memory. Whether an answer is still valid is decided by `expired`, with the
+    domain's current settings and outage state, so a changed TTL applies to what is already
+    remembered and an outage stops the clock.
     """
 
-    def __init__(self, store: AsyncStore | None, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        store: AsyncStore | None,
+        clock: Callable[[], float],
+        expired: Callable[[str, Verdict, float], bool],
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.expired = expired
         self.entries: dict[str, Verdict] = {}
         self._dirty: dict[str, Verdict] = {}
         self._flush: asyncio.Task[None] | None = None
         self._puts = 0
-        self.max_age = 7 * 86400.0
 
-    async def load(self, max_age: float) -> None:
-        """Reads what an earlier run remembered, forgetting what is older than any TTL."""
-        self.max_age = max_age
+    async def load(self) -> None:
+        """Reads what earlier runs (and `relay recipients import`) remembered; drops the expired.
+
+        Called at start-up and whenever another process (the CLI) changed the queue database:
+        imported and forgotten addresses then take effect without a restart.
+        """
         if self.store is None:
             return
-        cutoff = self.clock() - max_age
-
-        def read(store: Store) -> list[tuple[str, bool, float]]:
-            store.forget_verdicts(before=cutoff)
-            return store.verdicts()
-
+        # The read is queued behind every write already handed to the writer thread, so it sees
+        # those; answers still waiting to be handed over, or given while it runs, are kept.
+        started, unsubmitted = self._puts, dict(self._dirty)
         try:
-            rows = await self.store.run(read)
+            rows = await self.store.run(Store.verdicts)
         except StorageError as exc:
             log.error("cannot read remembered recipients: %s", exc)
             return
+        now = self.clock()
+        loaded: dict[str, Verdict] = {}
+        stale: list[str] = []
         for address, accepted, at in rows:
-            self.entries[address] = Verdict(accepted, at, written=at)
-        log.info("%d remembered recipient answers loaded", len(rows))
+            verdict = Verdict(accepted, at, written=at)
+            if self.expired(address, verdict, now):
+                stale.append(address)
+            else:
+                loaded[address] = verdict
+        if stale:
+            with contextlib.suppress(StorageError):  # tried again at the next load
+                await self.store.run(functools.partial(Store.forget_addresses, addresses=stale))
+        loaded.update(unsubmitted)
+        loaded.update((k, v) for k, v in self.entries.items() if v.seq > started)
+        first = not self.entries
+        self.entries = loaded
+        if first:
+            log.info("%s loaded", plural(len(loaded), "remembered recipient answer"))
 
-    def get(self, address: str, settings: DomainConfig) -> bool | None:
-        verdict = self.entries.get(cache_key(address))
-        if verdict is None:
+    def get(self, address: str) -> bool | None:
+        key = cache_key(address)
+        verdict = self.entries.get(key)
+        if verdict is None or self.expired(key, verdict, self.clock()):
             return None
-        ttl = settings.verify_positive_ttl if verdict.accepted else settings.verify_negative_ttl
-        return verdict.accepted if self.clock() - verdict.at < ttl else None
+        return verdict.accepted
 
     def put(self, address: str, accepted: bool) -> None:
         key = cache_key(address)
         now = self.clock()
         old = self.entries.get(key)
-        verdict = Verdict(accepted, now, written=now)
+        self._puts += 1
+        verdict = Verdict(accepted, now, written=now, seq=self._puts)
         if old is not None and old.accepted == accepted and now - old.written < LEARN_REFRESH:
             # The same answer, written recently: every delivery to a mailbox need not cost a
             # write. Memory has the new time; the database is at most LEARN_REFRESH behind.
@@ -236,14 +273,13 @@ class VerdictCache:
             return
         self.entries[key] = verdict
         self._dirty[key] = verdict
-        self._puts += 1
         if self._puts % _PRUNE_EVERY == 0:
             self._prune(now)
         if self.store is not None and (self._flush is None or self._flush.done()):
             self._flush = asyncio.create_task(self._write())
 
     def _prune(self, now: float) -> None:
-        for key in [k for k, v in self.entries.items() if now - v.at > self.max_age]:
+        for key in [k for k, v in self.entries.items() if self.expired(k, v, now)]:
             del self.entries[key]
 
     async def _write(self) -> None:
@@ -253,7 +289,7 @@ class VerdictCache:
             try:
                 await self.store.run(functools.partial(Store.save_verdicts, verdicts=batch))
             except StorageError as exc:
-                log.error("cannot remember %d recipient answers: %s", len(batch), exc)
+                log.error("cannot remember %s: %s", plural(len(batch), "recipient answer"), exc)
 
     async def close(self) -> None:
         """Waits for pending writes (before the store closes)."""
@@ -284,9 +320,31 @@ class PrimaryWatch:
     router: Router | None = None
     seen: dict[str, tuple[bool, float]] = field(default_factory=dict)
     _probes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _down_since: dict[str, float] = field(default_factory=dict)
 
     def observe(self, domain: str, up: bool) -> None:
-        self.seen[domain] = (up, self.clock())
+        now = self.clock()
+        self.seen[domain] = (up, now)
+        if up:
+            self._down_since.pop(domain, None)
+        else:
+            self._down_since.setdefault(domain, now)
+
+    def restore(self, states: dict[str, DestinationState]) -> None:
+        """At start-up: outages the last run saw, so that their clock does not start again."""
+        for domain, state in states.items():
+            if state.up is False and state.since is not None:
+                self.seen[domain] = (False, state.since)
+                self._down_since[domain] = state.since
+
+    def down_since(self, domain: str) -> float | None:
+        """When the current outage of the domain's primary began; None while it is not down."""
+        dest = self.destinations(domain)
+        if dest is not None and dest.up is False:
+            return dest.since or self._down_since.get(domain)
+        if self.state(domain) is False:
+            return self._down_since.get(domain)
+        return None
 
     def _newest(self, domain: str) -> tuple[bool, float] | None:
         dest = self.destinations(domain)
@@ -391,16 +449,32 @@ class RecipientPolicy:
         self.verifier = verifier
         self.callout_timeout = callout_timeout
         self.lists = RecipientLists()
-        self.cache = VerdictCache(store, clock)
+        self.store = store
+        self.cache = VerdictCache(store, clock, self._expired)
         self.watch = PrimaryWatch(get_config, destinations, clock=clock, prober=prober)
         self._callouts: dict[str, asyncio.Task[bool | None]] = {}
         self._watch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Loads the remembered answers (before the listeners open)."""
-        domains = self.get_config().domains
-        ages = [max(d.verify_positive_ttl, d.verify_negative_ttl) for d in domains]
-        await self.cache.load(max(ages, default=0.0))
+        """Loads the remembered answers and the outages they outlive (before listeners open)."""
+        if self.store is not None:
+            try:
+                self.watch.restore(await self.store.run(Store.destinations))
+            except StorageError as exc:
+                log.error("cannot read the primaries' last states: %s", exc)
+        await self.cache.load()
+
+    def _expired(self, key: str, verdict: Verdict, now: float) -> bool:
+        domain = key.rpartition("@")[2]
+        settings = self.get_config().domain(domain)
+        if settings is None:
+            return True
+        ttl = settings.verify_positive_ttl if verdict.accepted else settings.verify_negative_ttl
+        return verdict_age(verdict.at, now, self.watch.down_since(domain)) >= ttl
+
+    async def reread(self) -> None:
+        """The CLI changed the database (`relay recipients import` or `forget`): take it up."""
+        await self.cache.load()
 
     def attach(self, router: Router) -> None:
         """Routes to the primaries are known (the listeners are open): start watching them."""
@@ -453,7 +527,7 @@ class RecipientPolicy:
             return True
         if settings.verify != "callout":
             return listed is None  # no list and no callout: every address of the domain
-        cached = self.cache.get(address, settings)
+        cached = self.cache.get(address)
         if cached is not None:
             return cached
         if self.watch.state(settings.name) is False:

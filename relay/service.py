@@ -321,7 +321,8 @@ class Relay:
         self._delivery_task = asyncio.create_task(self.scheduler.run())
 
     async def _follow_operators(self, interval: float = 1.0) -> None:
-        """Notices what the CLI changed in the queue database and logs its audit trail.
+        """Notices what the CLI changed in the queue database: logs its audit trail and takes up
+        imported or forgotten recipients.
 
         PRAGMA data_version changes only when another connection commits: one cheap read a
         second, and the audit table is read only after an operator did something.
@@ -333,6 +334,7 @@ class Relay:
                 if version != seen:
                     seen = version
                     await audit.log_new_entries(self.store)
+                    await self.policy.reread()
             except StorageError as exc:
                 log.warning("operator changes not read: %s", exc)
             await asyncio.sleep(interval)

@@ -115,6 +115,13 @@ class AuditEntry:
     ids: list[str]
 
 
+def address_key(address: str) -> str:
+    """How a recipient is remembered: the local part as sent (RFC 5321 2.4: it may be
+    case-sensitive), the domain in lower case."""
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
 # The random part keeps apart ids made by different processes; it needs no secrecy (an id gives
 # no access to anything), so it comes from a generator seeded once, not a system call per id.
 _ID_RANDOM = random.Random(secrets.randbits(128))
@@ -751,10 +758,16 @@ class Store:
             [(address, int(accepted), at) for address, accepted, at in verdicts],
         )
 
-    def forget_verdicts(self, before: float) -> int:
-        """Drops answers checked before `before`; call inside a transaction."""
-        cursor = self.conn.execute("DELETE FROM recipient_verdicts WHERE checked_at < ?", (before,))
-        return int(cursor.rowcount)
+    def forget_addresses(self, addresses: Sequence[str]) -> list[str]:
+        """Drops what is remembered of `addresses`; returns those that were known. In a
+        transaction."""
+        known = []
+        for address in addresses:
+            key = address_key(address)
+            cursor = self.conn.execute("DELETE FROM recipient_verdicts WHERE address = ?", (key,))
+            if cursor.rowcount:
+                known.append(key)
+        return known
 
     @_translated
     def data_version(self) -> int:

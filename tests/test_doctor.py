@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from relay import doctor
 from relay.config import Config
 from relay.doctor import OK, PROBLEM, WARNING, Finding, diagnose, name_matches, parse_policy
 from relay.mx import RouteError, Router
-from tests.conftest import make_config, run_relay, write_config
+from relay.store import Store
+from tests.conftest import make_config, relay_command, relay_env, run_relay, write_config
 from tests.dnsserver import DnsServer, dns_server
 from tests.fakeprimary import FakePrimary, fake_primary, unused_port
 
@@ -411,6 +413,50 @@ async def test_a_primary_that_does_not_answer_is_a_problem(deployment: Deploymen
     assert finding.message.startswith(f"primary do not answer: 127.0.0.3 {down}: 421 4.4.1")
     assert "keeps the mail until the primary answers" in finding.fix
     assert deployment.primary.connections == 0  # fixed primaries: the MX hosts are not asked
+
+
+async def test_a_callout_domain_that_knows_nobody_while_its_primary_is_down_is_a_problem(
+    deployment: Deployment,
+) -> None:
+    """Installed during an outage: every recipient would get 450 until mailboxes are imported."""
+    down = f"127.0.0.3:{unused_port('127.0.0.3')}"
+    callout = {"name": DOMAIN, "primary": [down], "verify": "callout"}
+
+    [finding] = [f for f in await deployment.findings(domain=[callout]) if f.check == "recipients"]
+    assert finding.status == PROBLEM
+    assert finding.message.startswith("every recipient gets 450 4.1.1 right now")
+    assert finding.fix.startswith("relay recipients import FILE")
+
+    Store(deployment.config().queue.path).close()  # the server made it at its first start
+    cli_config = write_config(deployment.tmp_path, "cli.toml", domain=[callout])
+    result = await asyncio.to_thread(
+        subprocess.run,
+        relay_command("recipients", "import", "-", "--config", str(cli_config)),
+        input=f"bob@{DOMAIN}\n".encode(),
+        env=relay_env(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    [finding] = [f for f in await deployment.findings(domain=[callout]) if f.check == "recipients"]
+    assert (finding.status, finding.message) == (
+        OK,
+        "1 mailbox known: accepted while the primary is down",
+    )
+
+
+async def test_a_callout_domain_that_knows_nobody_is_a_warning_while_its_primary_answers(
+    deployment: Deployment,
+) -> None:
+    callout = {"name": DOMAIN, "primary": [f"{PRIMARY_ADDRESS}:{deployment.port}"]}
+    findings = await deployment.findings(domain=[{**callout, "verify": "callout"}])
+    assert status_of(findings, "recipients") == [WARNING]
+    listed = await deployment.findings(
+        domain=[{**callout, "verify": "callout", "recipients": ["bob"]}]
+    )
+    assert status_of(listed, "recipients") == []
+    assert status_of(await deployment.findings(domain=[callout]), "recipients") == []
 
 
 async def test_a_primary_refusing_sessions_is_a_problem(

@@ -7,18 +7,30 @@ primary is up when told to. The primary is tests/fakeprimary.py on 127.0.0.2.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DOMAIN, conversation, make_config, open_store, smtp_address
+from conftest import (
+    DOMAIN,
+    conversation,
+    make_config,
+    open_store,
+    relay_command,
+    relay_env,
+    send_mail,
+    smtp_address,
+    write_config,
+)
 from hostile import closes, eventually, rejected, slots_free
 
 from relay.service import Relay
-from relay.store import NewMessage, NewRecipient, new_queue_id
+from relay.store import NewMessage, NewRecipient, Store, new_queue_id
 from tests.fakeprimary import FakePrimary, fake_primary
 
 __all__ = ["fake_primary"]
@@ -263,6 +275,120 @@ async def test_recipients_delivered_while_the_primary_is_up_are_known_in_the_nex
     assert replies == ["250 2.1.5 Ok", UNVERIFIED.format(f"stranger@{DOMAIN}")]
     # The primary saw the delivery and no callout: bob was learned, not asked about.
     assert [t.mail_from for t in primary.transactions] == ["sender@client.test"]
+
+
+async def test_a_known_mailbox_stays_known_through_an_outage_longer_than_its_ttl(
+    fake_primary: StartPrimary, tmp_path: Path
+) -> None:
+    """Day 8 of an outage, and again after a restart on day 9: a mailbox the primary confirmed
+    on day 0 is still accepted. Its 7-day TTL counts only time the primary could be asked."""
+    primary = await fake_primary()
+    later = [0.0]
+    config = make_config(
+        tmp_path,
+        delivery={"probe_interval": "0.1s"},
+        domain=[{"name": DOMAIN, "primary": [f"127.0.0.2:{primary.port}"], "verify": "callout"}],
+    )
+
+    def clock() -> float:
+        return time.time() + later[0]
+
+    server = Relay(config, clock=clock)
+    await server.start()
+    try:
+        assert await rcpt_replies(server, f"known@{DOMAIN}") == ["250 2.1.5 Ok"]
+        await primary.stop()
+        # Mail for the known mailbox arrives; its delivery finds the primary down.
+        await asyncio.to_thread(send_mail, smtp_address(server), [f"known@{DOMAIN}"])
+        await eventually(lambda: server.policy.watch.down_since(DOMAIN), "the outage noticed")
+        later[0] = 8 * 86400.0
+        replies = await rcpt_replies(server, f"known@{DOMAIN}", f"stranger@{DOMAIN}")
+        assert replies == ["250 2.1.5 Ok", UNVERIFIED.format(f"stranger@{DOMAIN}")]
+    finally:
+        await server.stop()
+
+    later[0] = 9 * 86400.0
+    restarted = Relay(config, clock=clock)
+    await restarted.start()
+    try:
+        assert await rcpt_replies(restarted, f"known@{DOMAIN}") == ["250 2.1.5 Ok"]
+    finally:
+        await restarted.stop()
+
+
+async def test_recipients_import_list_and_forget_reach_a_running_relay(
+    relay_factory: RelayFactory, tmp_path: Path
+) -> None:
+    """Installed during an outage: a callout relay knows nobody and tempfails everyone, until
+    the operator imports the mailboxes, which the running server takes up within seconds."""
+    server = await relay_factory(domain=domain(verify="callout"))
+    cli_config = write_config(tmp_path, "cli.toml", domain=domain(verify="callout"))
+    alice, bob = f"alice@{DOMAIN}", "Bob@EXAMPLE.test"
+    assert await rcpt_replies(server, alice) == [UNVERIFIED.format(alice)]
+
+    def cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
+        done = subprocess.run(
+            relay_command("recipients", *args, "--config", str(cli_config)),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=relay_env(),
+            timeout=30,
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    lines = "\n".join(
+        [
+            "# exported from the primary",
+            alice,
+            f"<{bob}>  # a comment",
+            "not an address",
+            "x@other.test",
+            "",
+        ]
+    )
+    code, out, err = await asyncio.to_thread(cli, "import", "-", stdin=lines)
+    assert (code, out) == (1, "imported 2 addresses\n")
+    assert err.splitlines() == [
+        "relay: line 4: 'not an address' is not an address (local@domain)",
+        "relay: line 5: x@other.test: other.test is not a configured domain",
+    ]
+
+    async def replies_become(expected: list[str]) -> None:
+        deadline = time.monotonic() + 5
+        while (got := await rcpt_replies(server, alice, f"Bob@{DOMAIN}")) != expected:
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.05)
+
+    await replies_become(["250 2.1.5 Ok", "250 2.1.5 Ok"])
+    code, out, _ = await asyncio.to_thread(cli, "list")
+    assert code == 0
+    assert [line.split()[:2] for line in out.splitlines()] == [
+        ["Bob@example.test", "exists"],
+        ["alice@example.test", "exists"],
+        ["--", "2"],
+    ]
+    assert await asyncio.to_thread(cli, "forget", alice, f"nobody@{DOMAIN}") == (
+        1,
+        f"{alice}: forgotten\n",
+        f"relay: nobody@{DOMAIN}: not remembered\n",
+    )
+    await replies_become([UNVERIFIED.format(alice), "250 2.1.5 Ok"])
+
+
+def test_import_refuses_domains_that_do_not_use_callout(tmp_path: Path) -> None:
+    config = write_config(tmp_path, domain=domain(recipients=["alice"]))
+    Store(str(tmp_path / "queue" / "queue.db")).close()
+    done = subprocess.run(
+        relay_command("recipients", "import", "-", "--config", str(config)),
+        input=f"alice@{DOMAIN}\n",
+        capture_output=True,
+        text=True,
+        env=relay_env(),
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (1, "imported 0 addresses\n")
+    assert 'does not use verify = "callout"' in done.stderr
 
 
 # -- accept = "when_primary_down" -------------------------------------------------------------
