@@ -188,6 +188,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Where mail for our own postmaster goes (RCPT TO:<postmaster>, postmaster@ and abuse@ our
+    # hostname), with double bounces and copies of operator bounces (RFC 5321 4.5.1).
+    postmaster: str | None = None
     source: str = "<defaults>"
     _by_name: dict[str, DomainConfig] = field(init=False, repr=False, compare=False)
 
@@ -255,6 +258,23 @@ def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value
+
+
+def _address(value: Any) -> str:
+    """A plain mailbox, local@domain, as an envelope would carry it (no <>, no comments)."""
+    text = _text(value).strip()
+    local, at, domain = text.rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() or c in "<>,;" for c in text):
+        raise ValueError(f"expected an address such as hostmaster@example.org, got {value!r}")
+    return f"{local}@{domain.lower().rstrip('.')}"
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listen address takes connections from this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _strings(value: Any) -> tuple[str, ...]:
@@ -482,6 +502,13 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
             f"{source}: domain: no [[domain]] configured: the relay would accept nothing"
         )
 
+    postmaster = top.get("postmaster", None, _address)
+    if postmaster is None and not all(_loopback(host) for host, _ in smtp.listen):
+        problems.append(
+            f"{source}: postmaster: required when smtp.listen takes mail from other hosts: the"
+            f" address where mail to postmaster@{hostname} and abuse@{hostname}, double bounces"
+            " and copies of operator bounces go (RFC 5321 4.5.1), e.g. hostmaster@example.org"
+        )
     for reader in (top, *readers.values()):
         reader.finish()
     _check_queue_dir(source, queue.path, problems)
@@ -498,6 +525,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         metrics=metrics,
         dns=dns,
         log=log,
+        postmaster=postmaster,
         source=source,
     )
 

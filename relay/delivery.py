@@ -788,9 +788,17 @@ class Scheduler:
             if not reports:
                 continue
             if not message.sender:
-                # RFC 5321 4.5.5 / RFC 3464: never a DSN to the null reverse-path.
+                # RFC 5321 4.5.5 / RFC 3464: never a DSN to the null reverse-path. A failed
+                # bounce is a double bounce: the postmaster hears of it, once (never of a
+                # failed double bounce, which would loop).
                 metrics.bounces_suppressed.inc()
                 log.info("%s: %s, no DSN to the null sender", message.id, action)
+                postmaster = self.config.postmaster
+                to_postmaster = any(r.address == postmaster for r in reports)
+                if action == "failed" and postmaster and not to_postmaster:
+                    notice = self._dsn_message(message, reports, body, now, to=(postmaster,))
+                    log.info("%s: double bounce %s to <%s>", message.id, notice.id, postmaster)
+                    notices.append(notice)
                 continue
             notices.append(self._dsn_message(message, reports, body, now))
         return notices
@@ -811,10 +819,22 @@ class Scheduler:
         )
 
     def _dsn_message(
-        self, message: MessageRow, reports: list[dsn.RecipientReport], body: bytes, now: float
+        self,
+        message: MessageRow,
+        reports: list[dsn.RecipientReport],
+        body: bytes,
+        now: float,
+        to: Sequence[str] = (),
     ) -> NewMessage:
+        """The DSN to the sender (or to `to`); an operator bounce also copies the postmaster,
+        who then sees what was bounced by hand, as Postfix's notify_classes = bounce does."""
         hostname = self.config.hostname
+        postmaster = self.config.postmaster
         queue_id = new_queue_id(now)
+        recipients = list(to) or [message.sender]
+        by_operator = any(r.diagnostic == OPERATOR_BOUNCE for r in reports)
+        if by_operator and postmaster and postmaster not in recipients:
+            recipients.append(postmaster)
         data = dsn.build_dsn(
             reporting_mta=hostname,
             original_sender=message.sender,
@@ -825,15 +845,20 @@ class Scheduler:
             envid=message.envid,
             ret=message.ret,
             message_id=f"<{queue_id}@{hostname}>",
+            postmaster=postmaster,
+            to=recipients[0],
         )
-        log.info("%s: sender DSN %s to <%s>", message.id, queue_id, message.sender)
+        if not to:
+            log.info("%s: sender DSN %s to <%s>", message.id, queue_id, message.sender)
+        if len(recipients) > 1:
+            log.info("%s: copy of the operator bounce %s to <%s>", message.id, queue_id, postmaster)
         return NewMessage(
             id=queue_id,
             sender="",
-            recipients=(NewRecipient(message.sender),),
+            recipients=tuple(NewRecipient(address) for address in recipients),
             body=data,
             received_at=now,
-            smtputf8=not message.sender.isascii(),
+            smtputf8=not all(address.isascii() for address in recipients),
             eightbit=not data.isascii(),
         )
 

@@ -72,6 +72,8 @@ def build_dsn(
     envid: str | None = None,
     ret: str | None = None,
     message_id: str,
+    postmaster: str | None = None,
+    to: str | None = None,
 ) -> bytes:
     """A complete RFC 5322 message reporting on `reports`, CRLF line ends throughout.
 
@@ -84,7 +86,7 @@ def build_dsn(
     full = (ret or "").upper() == "FULL"
     original = original_message if full else header_section(original_message)
     status = delivery_status(reporting_mta, reports, arrival, envid)
-    explanation = _lines(_explanation(reporting_mta, reports, full))
+    explanation = _lines(_explanation(reporting_mta, reports, full, postmaster))
     parts = [
         (_lines(_text_headers(explanation)), explanation),
         (_lines(_status_headers(status)), status),
@@ -99,7 +101,7 @@ def build_dsn(
     )
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
-        f"To: <{original_sender}>",
+        f"To: <{to if to is not None else original_sender}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: {message_id}",
@@ -173,7 +175,9 @@ def _recipient_fields(report: RecipientReport) -> list[str]:
 # -- the human-readable part ---------------------------------------------------------------
 
 
-def _explanation(reporting_mta: str, reports: Sequence[RecipientReport], full: bool) -> list[str]:
+def _explanation(
+    reporting_mta: str, reports: Sequence[RecipientReport], full: bool, postmaster: str | None
+) -> list[str]:
     failed = [r for r in reports if r.action == FAILED]
     delayed = [r for r in reports if r.action != FAILED]
     lines = [f"This is the mail system at host {reporting_mta}.", ""]
@@ -183,7 +187,9 @@ def _explanation(reporting_mta: str, reports: Sequence[RecipientReport], full: b
             "to one or more recipients. "
             + ("It is attached below." if full else "Its header section is attached below."),
             "",
-            "For further assistance, please send mail to postmaster.",
+            f"For further assistance, please send mail to <{postmaster}>."
+            if postmaster
+            else "For further assistance, please send mail to postmaster.",
             "",
             "The mail system",
             "",

@@ -583,6 +583,8 @@ class RelaySMTP(SMTP):
             return
         recipient = NewRecipient(address, notify=notify, orcpt=orcpt)
         reply = await self.relay_handler.rcpt(self.relay_session(), envelope, recipient)
+        recipient = self.relay_handler.delivered_as(recipient)
+        address = recipient.address
         duplicate = any(r.address.lower() == address.lower() for r in envelope.recipients)
         if reply.startswith("2") and not duplicate:  # a repeated RCPT is delivered once
             envelope.recipients.append(recipient)
@@ -858,10 +860,35 @@ class IntakeHandler:
         if self.limits is not None:
             self.limits.release(size)
 
+    def postmaster_alias(self, address: str) -> bool:
+        """`postmaster` alone, and postmaster@ or abuse@ our own host name (RFC 5321 4.5.1):
+        accepted from anyone and delivered to the configured `postmaster` address."""
+        config = self.config
+        if config.postmaster is None:
+            return False
+        local, at, domain = address.rpartition("@")
+        if not at:
+            return address.lower() == "postmaster"
+        mine = domain.lower().rstrip(".") == config.hostname.lower()
+        return mine and local.lower() in ("postmaster", "abuse")
+
+    def delivered_as(self, recipient: NewRecipient) -> NewRecipient:
+        """The recipient as queued: a postmaster alias becomes the configured address, the
+        original kept as ORCPT so that a DSN names what the sender wrote."""
+        if not self.postmaster_alias(recipient.address) or self.config.postmaster is None:
+            return recipient
+        orcpt = recipient.orcpt or f"rfc822;{recipient.address}"
+        return NewRecipient(self.config.postmaster, notify=recipient.notify, orcpt=orcpt)
+
     async def rcpt(
         self, session: RelaySession, envelope: RelayEnvelope, recipient: NewRecipient
     ) -> str:
         config = self.config
+        if self.postmaster_alias(recipient.address):
+            if len(envelope.recipients) >= config.smtp.max_recipients:
+                metrics.messages_rejected.labels("too_many_recipients").inc()
+                return Reply.TOO_MANY_RECIPIENTS
+            return Reply.RCPT_OK
         if (problem := recipient_problem(recipient.address)) is not None:
             metrics.messages_rejected.labels("bad_recipient").inc()
             return problem

@@ -72,8 +72,13 @@ name = "example.net"
 
 def test_defaults_fill_every_key_left_out(tmp_path: Path) -> None:
     cfg = config.load(
-        write(tmp_path, f'[queue]\npath = "{tmp_path}/q.db"\n[[domain]]\nname = "a.test"\n')
+        write(
+            tmp_path,
+            f'postmaster = "pm@a.test"\n[queue]\npath = "{tmp_path}/q.db"\n'
+            '[[domain]]\nname = "a.test"\n',
+        )
     )
+    assert cfg.smtp.listen == (("0.0.0.0", 25), ("::", 25))
     assert cfg.smtp.max_message_size == 50 * 1024**2
     assert cfg.smtp.max_recipients == 100
     assert cfg.smtp.max_hops == 50
@@ -81,6 +86,39 @@ def test_defaults_fill_every_key_left_out(tmp_path: Path) -> None:
     assert cfg.metrics.listen == ("127.0.0.1", 9325)
     assert cfg.dns.nameservers == ()
     assert cfg.hostname  # the machine's FQDN
+
+
+@pytest.mark.parametrize(
+    ("listen", "required"),
+    [
+        (["127.0.0.1:2525"], False),
+        (["[::1]:2525", "localhost:2525"], False),
+        (["127.0.0.1:2525", "192.0.2.7:25"], True),
+        (["0.0.0.0:25"], True),
+    ],
+)
+def test_postmaster_is_required_once_other_hosts_can_send(
+    tmp_path: Path, listen: list[str], required: bool
+) -> None:
+    """RFC 5321 4.5.1: a server that takes mail from the internet must have a postmaster."""
+    path = write_config(tmp_path, smtp={"listen": listen})
+    if not required:
+        assert config.load(path).postmaster is None
+        return
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{path}: postmaster: required when smtp.listen takes mail from")
+    assert "postmaster@relay.test and abuse@relay.test" in problem
+    good = write_config(tmp_path, smtp={"listen": listen}, postmaster="Hostmaster@Example.ORG")
+    assert config.load(good).postmaster == "Hostmaster@example.org"
+
+
+@pytest.mark.parametrize("value", ["postmaster", "a b@example.org", "<pm@example.org>", "pm@x", 3])
+def test_a_postmaster_that_is_not_an_address_is_refused(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write_config(tmp_path, postmaster=value))
+    assert caught.value.problems[0].startswith(f"{tmp_path}/relay.toml: postmaster: expected a")
 
 
 def test_domains_match_case_insensitively_and_never_by_subdomain(tmp_path: Path) -> None:
@@ -152,7 +190,7 @@ def test_each_kind_of_mistake_is_one_line_naming_the_file_and_key(
 
 
 def test_a_config_without_a_domain_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, f'[queue]\npath = "{tmp_path}/q.db"\n')
+    path = write(tmp_path, f'postmaster = "pm@a.test"\n[queue]\npath = "{tmp_path}/q.db"\n')
     assert problems_of(path) == [
         f"{path}: domain: no [[domain]] configured: the relay would accept nothing"
     ]
@@ -161,7 +199,7 @@ def test_a_config_without_a_domain_is_refused(tmp_path: Path) -> None:
 def test_a_domain_needs_a_valid_name_and_may_not_be_listed_twice(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        f'[queue]\npath = "{tmp_path}/q.db"\n'
+        f'postmaster = "pm@a.test"\n[queue]\npath = "{tmp_path}/q.db"\n'
         '[[domain]]\nprimary = ["mx.a.test"]\n'
         '[[domain]]\nname = "bad name!"\n'
         '[[domain]]\nname = "b.test"\n[[domain]]\nname = "B.test"\n'
@@ -201,7 +239,8 @@ def test_a_queue_path_naming_a_directory_is_refused(tmp_path: Path) -> None:
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "hostnme = 'x'\n[smtp]\nmax_message_size = 'huge'\n[queue]\nlifetime = 'forever'\n"
+        "hostnme = 'x'\npostmaster = 'pm@a.test'\n"
+        "[smtp]\nmax_message_size = 'huge'\n[queue]\nlifetime = 'forever'\n"
         f'path = "{tmp_path}/q.db"\n',
     )
     problems = problems_of(path)

@@ -55,10 +55,12 @@ class Harness:
         primary: list[str],
         nameservers: list[str] | None = None,
         mx_port: int = 25,
+        postmaster: str | None = None,
         **sections: Any,
     ) -> None:
         data: dict[str, Any] = {
             "hostname": "relay.test",
+            "smtp": {"listen": [f"127.0.0.20:{mx_port}"]},
             "queue": {"path": str(self.tmp_path / "queue.db")},
             "retry": {"min": "1m", "max": "10m"},
             "delivery": {"per_host_concurrency": 1, "probe_interval": "1s"},
@@ -66,6 +68,8 @@ class Harness:
             "domain": [{"name": "example.test", "primary": primary, "tls": "none"}],
         }
         data["delivery"]["mx_port"] = mx_port
+        if postmaster is not None:
+            data["postmaster"] = postmaster
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)
         cfg = config_module.from_mapping(data, "test.toml")
@@ -337,6 +341,40 @@ async def test_no_dsn_to_the_null_sender(harness: Harness, fake_primary: Start) 
     await harness.run()
     assert harness.rows().list_messages() == []
     assert _sample("relay_bounces_suppressed_total") == before + 1
+
+
+async def test_a_failed_bounce_goes_to_the_postmaster_once_and_never_loops(
+    harness: Harness, fake_primary: Start
+) -> None:
+    """A double bounce (RFC 5321 4.5.5: no DSN to <>) is reported to the postmaster; when that
+    report fails too, it is dropped: at most one extra message, never a stream."""
+    refuse = "550 5.1.1 no such user"
+    fake = await fake_primary(replies={"bob@example.test": refuse, "pm@example.test": refuse})
+    harness.configure([f"{fake.address}:{fake.port}"], postmaster="pm@example.test")
+    bounce = await harness.put(["bob@example.test"], sender="")
+    await harness.run()
+    [notice] = harness.rows().list_messages()
+    assert (notice.sender, [r.address for r in notice.recipients]) == ("", ["pm@example.test"])
+    text = (harness.rows().body(notice.id) or b"").decode()
+    assert "To: <pm@example.test>" in text
+    assert "please send mail to <pm@example.test>" in text
+    assert f"{bounce}@" not in text and "no such user" in text
+    await harness.run()
+    assert harness.rows().list_messages() == []
+    rcpts = [rcpt for t in fake.transactions for rcpt, _ in t.rcpts]
+    assert rcpts == ["bob@example.test", "pm@example.test"]
+
+
+async def test_an_operator_bounce_copies_the_postmaster(
+    harness: Harness, fake_primary: Start
+) -> None:
+    port = unused_port("127.0.0.3")
+    harness.configure([f"127.0.0.3:{port}"], postmaster="pm@example.test")
+    message_id = await harness.put(["bob@example.test"])
+    harness.rows().request_bounce([message_id])
+    await harness.run()
+    [notice] = [m for m in harness.rows().list_messages() if m.sender == ""]
+    assert [r.address for r in notice.recipients] == ["alice@sender.test", "pm@example.test"]
 
 
 async def test_operator_bounce_fails_remaining_recipients_with_a_dsn(

@@ -40,7 +40,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 # Every key of the configuration contract, as documented for operators, by section.
 _DOCUMENTED = {
-    "": ("hostname",),
+    "": ("hostname", "postmaster"),
     "smtp": (
         "listen",
         "max_message_size",
@@ -355,10 +355,12 @@ def test_production_config_sets_every_documented_key_and_no_other() -> None:
 
 def loader_keys() -> set[str]:
     """Every key relay/config.py reads, from its dataclasses (field names are the TOML keys)."""
-    keys = {"hostname"}
+    keys = set()
     for section in fields(config.Config):
         if is_dataclass(factory := section.default_factory):
             keys |= {f"{section.name}.{f.name}" for f in fields(factory)}
+        elif section.init and section.name not in ("domains", "source"):
+            keys.add(section.name)  # a top-level key such as hostname
     keys |= {f"domain.{f.name}" for f in fields(config.DomainConfig)}
     return keys
 

@@ -118,6 +118,7 @@ class Deployment:
     def config(self, **overrides: Any) -> Config:
         data: dict[str, Any] = {
             "hostname": ME,
+            "postmaster": f"hostmaster@{DOMAIN}",
             "smtp": {"listen": [f"{OUR_ADDRESS}:{self.port}"]},
             "delivery": {"mx_port": self.port},
             "dns": {"nameservers": [self.dns.address]},

@@ -443,3 +443,34 @@ async def test_a_refused_recipient_never_reaches_the_queue(
         assert (await talk.command("DATA")).code == 503
     with open_store(server.config.queue.path) as store:
         assert store.list_messages() == []
+
+
+# -- the postmaster ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alias", ["postmaster", "POSTMASTER", "postmaster@relay.test", "Abuse@RELAY.test"]
+)
+async def test_postmaster_and_abuse_at_our_host_name_reach_the_configured_postmaster(
+    relay_factory: RelayFactory, tmp_path: Path, alias: str
+) -> None:
+    """RFC 5321 4.5.1: mail to <postmaster> must be accepted, from anyone, with or without a
+    domain; it is queued for the `postmaster` address, the original kept as ORCPT."""
+    server = await relay_factory(
+        postmaster="hostmaster@elsewhere.test", domain=domain(recipients=["bob"])
+    )
+    queue_id = await asyncio.to_thread(send_mail, smtp_address(server), [alias], source="127.0.0.9")
+    with open_store(tmp_path / "queue" / "queue.db") as store:
+        row = store.get(queue_id)
+    assert row is not None
+    [recipient] = row.recipients
+    assert (recipient.address, recipient.orcpt) == ("hostmaster@elsewhere.test", f"rfc822;{alias}")
+
+
+async def test_without_a_postmaster_the_aliases_are_ordinary_addresses(
+    relay_factory: RelayFactory,
+) -> None:
+    server = await relay_factory()
+    replies = await rcpt_replies(server, "postmaster", "postmaster@relay.test")
+    assert replies[0].startswith("501 5.1.3")
+    assert replies[1] == "550 5.7.1 <postmaster@relay.test>: Relay access denied"
