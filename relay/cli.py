@@ -623,7 +623,11 @@ def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]
 def status(config_path: str | None, as_json: bool) -> None:
     """Per domain: queued mail, oldest age, primary up or down since when, last error."""
     cfg, _ = _load_config(config_path)
-    report = _with_store(config_path, lambda store: status_report(cfg, store, time.time()), cfg)
+    report, stats = _with_store(
+        config_path,
+        lambda store: (status_report(cfg, store, time.time()), store.file_stats()),
+        cfg,
+    )
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -637,6 +641,10 @@ def status(config_path: str | None, as_json: bool) -> None:
         )
         if row["last_error"]:
             click.echo(f"{'':<28} last error: {row['last_error']}")
+    click.echo(
+        f"queue {cfg.queue.path}: {stats.size / 2**20:.1f} MB,"
+        f" {plural(stats.free_pages, 'free page')} ({stats.free_share:.0%})"
+    )
 
 
 @main.command()

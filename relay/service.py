@@ -328,15 +328,22 @@ class Relay:
         second, and the audit table is read only after an operator did something.
         """
         seen: int | None = None
+        ticks = 0
         while True:
             try:
                 version = await self.store.run(Store.data_version)
-                if version != seen:
+                changed = version != seen
+                if changed:
                     seen = version
                     await audit.log_new_entries(self.store)
                     await self.policy.reread()
+                # Deliveries free pages too: the file is looked at once a minute as well.
+                shrunk = await self.store.maintain() if changed or ticks % 60 == 0 else None
+                if shrunk is not None:
+                    log.info("space returned: %s", shrunk)
             except StorageError as exc:
                 log.warning("operator changes not read: %s", exc)
+            ticks += 1
             await asyncio.sleep(interval)
 
     @property

@@ -266,6 +266,22 @@ class Outcome:
     next_attempt_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class FileStats:
+    page_size: int
+    pages: int
+    free_pages: int
+    incremental: bool  # auto_vacuum = INCREMENTAL: free pages can be returned step by step
+
+    @property
+    def size(self) -> int:
+        return self.page_size * self.pages
+
+    @property
+    def free_share(self) -> float:
+        return self.free_pages / self.pages if self.pages else 0.0
+
+
 @dataclass
 class DomainSummary:
     """One domain's line of `relay status`: waiting mail, and held mail apart from it."""
@@ -404,6 +420,9 @@ def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
     if creating:
         _restrict_new_file(conn, target)
+        # Before the first table, or it takes a VACUUM: pages freed when an outage drains can
+        # then be given back to the filesystem a few at a time (AsyncStore.maintain).
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: every commit fsyncs the WAL before returning, which is what lets us say 250.
     conn.execute("PRAGMA synchronous=FULL")
@@ -770,6 +789,15 @@ class Store:
         return known
 
     @_translated
+    def file_stats(self) -> FileStats:
+        """The queue file's size and how much of it is free pages (for `relay status`)."""
+        page_size = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
+        pages = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self.conn.execute("PRAGMA freelist_count").fetchone()[0])
+        mode = int(self.conn.execute("PRAGMA auto_vacuum").fetchone()[0])
+        return FileStats(page_size, pages, free, mode == 2)
+
+    @_translated
     def data_version(self) -> int:
         """Changes when another connection (the CLI) commits: the server's cue to look again."""
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
@@ -992,6 +1020,24 @@ class Store:
         return self._operate("bounce", ids, selection, actor, mark)
 
 
+# Space comes back after an outage drains: when at least this many pages (4 KiB each) and this
+# share of the file are free, VACUUM_STEP pages at a time.
+VACUUM_MIN_PAGES = 2560
+VACUUM_FREE_SHARE = 0.5
+VACUUM_STEP = 2048
+FULL_VACUUM_LIMIT = 64 * 2**20
+
+
+def _vacuum_step(store: Store) -> FileStats:
+    store.conn.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP})").fetchall()
+    return store.file_stats()
+
+
+def _convert_to_incremental(store: Store) -> None:
+    store.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    store.conn.execute("VACUUM")
+
+
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -1003,6 +1049,8 @@ class _Job:
     future: Future[Any] = field(default_factory=Future)
     # A job whose success becomes a 250 to a client: refused once the queue file is gone.
     acknowledges: bool = False
+    # Runs alone and outside any transaction (VACUUM cannot run inside one).
+    bare: bool = False
 
 
 def _is_storage_fault(exc: BaseException) -> bool:
@@ -1062,6 +1110,32 @@ class AsyncStore:
         self._jobs.put(job)
         return await asyncio.wrap_future(job.future)
 
+    async def maintain(self) -> str | None:
+        """Gives free pages back to the filesystem once most of the file is free (an outage
+        drained); a line for the log when it did, else None.
+
+        Incremental: at most VACUUM_STEP pages per writer turn, so a session waiting for its
+        commit waits one step (milliseconds), not for the whole file. A queue file from before
+        auto_vacuum was set needs one full VACUUM to convert; that is done only while the live
+        data is small (FULL_VACUUM_LIMIT), when copying it is quick.
+        """
+        stats = await self.run(Store.file_stats)
+        if stats.free_pages < VACUUM_MIN_PAGES or stats.free_share < VACUUM_FREE_SHARE:
+            return None
+        started, before = time.monotonic(), stats.size
+        if not stats.incremental:
+            if stats.size - stats.free_pages * stats.page_size > FULL_VACUUM_LIMIT:
+                return None
+            job = _Job(_convert_to_incremental, bare=True)
+            self._jobs.put(job)
+            await asyncio.wrap_future(job.future)
+        else:
+            while stats.free_pages:
+                stats = await self.run(_vacuum_step)
+        after = (await self.run(Store.file_stats)).size
+        seconds = time.monotonic() - started
+        return f"queue file {before / 2**20:.1f} MB -> {after / 2**20:.1f} MB in {seconds:.2f} s"
+
     async def put(self, message: NewMessage) -> None:
         """Queues a message; returns once it is durable (the caller may then say 250)."""
         job = _Job(lambda store: store.insert(message), acknowledges=True)
@@ -1090,14 +1164,17 @@ class AsyncStore:
         self._ready.set_result(None)
         try:
             while (job := self._jobs.get()) is not None:
+                if job.bare:
+                    self._run_bare(store, job)
+                    continue
                 batch = [job]
                 while len(batch) < self.MAX_BATCH:
                     try:
                         more = self._jobs.get_nowait()
                     except stdlib_queue.Empty:
                         break
-                    if more is None:
-                        self._jobs.put(None)
+                    if more is None or more.bare:
+                        self._jobs.put(more)  # after this batch (order kept for None)
                         break
                     batch.append(more)
                 # A caller that gave up (cancelled) before its job started loses nothing: drop
@@ -1109,6 +1186,14 @@ class AsyncStore:
                     self._commit_or_fail(store, batch)
         finally:
             store.close()
+
+    def _run_bare(self, store: Store, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.work(store))
+        except Exception as exc:
+            job.future.set_exception(StorageError(str(exc)))
 
     def _refuse_if_detached(self, batch: list[_Job]) -> list[_Job]:
         """Fails the jobs that would become a 250 once the queue file is no longer at its path.

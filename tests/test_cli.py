@@ -599,3 +599,36 @@ async def test_cli_changes_reach_a_running_server_within_two_seconds(
         assert await asyncio.to_thread(server.stop) == 0
     finally:
         await primary.stop()
+
+
+def test_after_a_drain_the_running_server_gives_the_space_back_and_status_shows_it(
+    tmp_path: Path, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """An outage filled the queue; the operator deletes it all (or it drains): the file shrinks
+    without a restart, and `relay status` shows its size and free pages."""
+    config = write_config(tmp_path)
+    with open_store(queue_path(config)) as store:
+        for n in range(120):
+            body = b"Subject: big\r\n\r\n" + os.urandom(50_000).hex().encode()
+            store.put(
+                NewMessage(
+                    id=f"BIG{n:04d}",
+                    sender="alice@client.test",
+                    recipients=(NewRecipient(f"bob@{DOMAIN}"),),
+                    body=body,
+                    received_at=time.time(),
+                )
+            )
+    server = relay_process(config)
+    code, out, _ = relay("status", config=config)
+    assert code == 0
+    size = re.search(r"^queue \S+: ([\d.]+) MB, ([\d,]+) free pages? \((\d+)%\)$", out, re.M)
+    assert size is not None and float(size.group(1)) > 10, out
+    assert relay("queue", "delete", "--all", config=config) == (0, "deleted 120 messages\n", "")
+    line = wait_for(
+        lambda: re.search(r"space returned: queue file ([\d.]+) MB -> ([\d.]+) MB", server.log()),
+        "the server to give the space back",
+    )
+    assert float(line.group(1)) > 10 and float(line.group(2)) < 1
+    after = re.search(r"^queue \S+: ([\d.]+) MB", relay("status", config=config)[1], re.M)
+    assert after is not None and float(after.group(1)) < 1

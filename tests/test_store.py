@@ -611,3 +611,62 @@ def test_per_message_updates_do_not_scan_the_whole_queue(tmp_path: Path) -> None
     store.conn.set_progress_handler(None, 0)
     store.close()
     assert steps < 50, f"{steps * 100} VM steps for three one-message updates"
+
+
+# -- space comes back --------------------------------------------------------------------------
+
+
+def _fill(store: Store, count: int, size: int) -> list[str]:
+    ids = [f"BIG{n:04d}" for n in range(count)]
+    for queue_id in ids:
+        store.put(
+            message(queue_id, body=b"Subject: big\r\n\r\n" + os.urandom(size // 2).hex().encode())
+        )
+    return ids
+
+
+@pytest.mark.parametrize("old_file", [False, True], ids=["incremental", "from-before-auto-vacuum"])
+async def test_a_drained_queue_gives_its_space_back(tmp_path: Path, old_file: bool) -> None:
+    """After an outage drains, the file shrinks: step by step on a queue made with auto_vacuum,
+    by one VACUUM (which converts it) on a queue file made before that."""
+    path = str(tmp_path / "queue.db")
+    with open_store(path) as store:
+        assert store.file_stats().incremental
+        if old_file:
+            store.conn.execute("PRAGMA auto_vacuum=NONE")
+            store.conn.execute("VACUUM")
+            assert not store.file_stats().incremental
+        ids = _fill(store, 120, 100_000)
+        store.put(message("KEEP"))
+        full = store.file_stats()
+        assert full.size > 10 * 2**20
+        assert store.delete(ids).done == ids
+        assert store.file_stats().free_share > 0.9
+    writer = AsyncStore(path)
+    try:
+        line = await writer.maintain()
+        assert line is not None and line.startswith("queue file ")
+        assert await writer.maintain() is None  # nothing left to give back
+    finally:
+        writer.close()
+    with open_store(path) as store:
+        after = store.file_stats()
+        assert after.incremental and after.size < 2**20 and after.free_pages < 100
+        assert [m.id for m in store.list_messages()] == ["KEEP"]
+    # The file itself, once checkpointed at close:
+    assert await asyncio.to_thread(os.path.getsize, path) < 2**20
+
+
+async def test_a_queue_with_little_free_space_is_left_alone(tmp_path: Path) -> None:
+    path = str(tmp_path / "queue.db")
+    with open_store(path) as store:
+        ids = _fill(store, 40, 100_000)
+        store.delete(ids[:10])
+        before = store.file_stats()
+    writer = AsyncStore(path)
+    try:
+        assert await writer.maintain() is None
+    finally:
+        writer.close()
+    with open_store(path) as store:
+        assert store.file_stats().pages == before.pages
