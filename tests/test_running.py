@@ -46,6 +46,7 @@ def test_serve_as_root_without_the_override_exits_1_with_one_line(tmp_path: Path
 def test_metrics_listen_on_loopback_unless_configured(tmp_path: Path) -> None:
     data = {
         "hostname": "relay.test",
+        "postmaster": "hostmaster@example.test",  # SMTP listens on every address by default
         "queue": {"path": str(tmp_path / "queue.db")},
         "domain": [{"name": "example.test"}],
     }
