@@ -81,7 +81,7 @@ def main() -> None:
 )
 def serve(config_path: str | None, log_format: str | None, allow_root: bool) -> None:
     """Run the relay: accept mail for the configured domains and redeliver it."""
-    from relay import service
+    from relay import logs, service
 
     cfg, chosen = _load_config(config_path)
     if root_refused(os.geteuid(), allow_root, os.environ.get(ALLOW_ROOT_ENV, "")):
@@ -89,7 +89,7 @@ def serve(config_path: str | None, log_format: str | None, allow_root: bool) -> 
             "cannot start: refusing to run as root; run as an unprivileged user (the systemd"
             f" unit has User=relay), or pass --allow-root (or set {ALLOW_ROOT_ENV}=1)"
         )
-    service.setup_logging(log_format or cfg.log.format)
+    logs.setup_logging(log_format or cfg.log.format)
     try:
         service.run(service.serve(cfg, chosen))
     except StorageError as exc:

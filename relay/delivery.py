@@ -28,6 +28,7 @@ from typing import Protocol
 from relay import dsn, metrics
 from relay.config import Config
 from relay.courier import Outgoing, OutgoingRecipient, Reply, Session, SessionError, probe
+from relay.logs import fields
 from relay.mx import Hop, RouteError, Router
 from relay.store import (
     DELIVERED,
@@ -227,7 +228,11 @@ class Scheduler:
         if now - message.received_at < self.config.queue.lifetime:
             return False
         if self.config.queue.on_expiry == "hold":
-            log.warning("%s: lifetime exceeded, held for the operator", message.id)
+            log.warning(
+                "%s: lifetime exceeded, held for the operator",
+                message.id,
+                extra=fields(queue_id=message.id, event="held", reason="lifetime exceeded"),
+            )
             await self.store.run(lambda s: s.set_state(message.id, HELD))
             return True
         outcomes = [
@@ -693,7 +698,7 @@ class Scheduler:
 
         def after(done: list[bool]) -> None:
             for (message, outcomes, *_), removed in zip(plans, done, strict=True):
-                self._log_outcomes(message, outcomes, removed)
+                self._log_outcomes(message, outcomes, removed, now)
             if notices:
                 metrics.bounces.inc(len(notices))
                 self.wake.set()
@@ -739,20 +744,39 @@ class Scheduler:
         return True
 
     @staticmethod
-    def _log_outcomes(message: MessageRow, outcomes: Sequence[Outcome], removed: bool) -> None:
+    def _log_outcomes(
+        message: MessageRow, outcomes: Sequence[Outcome], removed: bool, now: float
+    ) -> None:
+        """One line per recipient, in Postfix's words: delay since arrival, dsn, status."""
+        delay = round(max(0.0, now - message.received_at), 2)
         for outcome in outcomes:
             result, status = _REPORTED[outcome.state]
             metrics.deliveries.labels(_domain(outcome.address), result).inc()
+            code = outcome.reply[:3]
+            detail = dsn.status_from_reply(int(code) if code.isdigit() else 0, outcome.reply[4:])
             log.info(
-                "%s: to=<%s> relay=%s status=%s (%s)",
+                "%s: to=<%s> relay=%s delay=%s dsn=%s status=%s (%s)",
                 message.id,
                 outcome.address,
                 outcome.host or "none",
+                _delay_text(delay),
+                detail,
                 status,
                 outcome.reply,
+                extra=fields(
+                    queue_id=message.id,
+                    event=status,
+                    from_=message.sender,
+                    to=outcome.address,
+                    relay=outcome.host or None,
+                    delay=delay,
+                    dsn=detail,
+                    status=status,
+                    reason=outcome.reply,
+                ),
             )
         if removed:
-            log.info("%s: removed", message.id)
+            log.info("%s: removed", message.id, extra=fields(queue_id=message.id, event="removed"))
 
     def _needs_delay_warning(
         self, message: MessageRow, deferred: Sequence[Outcome], now: float
@@ -849,7 +873,13 @@ class Scheduler:
             to=recipients[0],
         )
         if not to:
-            log.info("%s: sender DSN %s to <%s>", message.id, queue_id, message.sender)
+            log.info(
+                "%s: sender DSN %s to <%s>",
+                message.id,
+                queue_id,
+                message.sender,
+                extra=fields(queue_id=message.id, event="dsn", to=message.sender),
+            )
         if len(recipients) > 1:
             log.info("%s: copy of the operator bounce %s to <%s>", message.id, queue_id, postmaster)
         return NewMessage(
@@ -878,6 +908,11 @@ class _RouteFailed(Exception):
     def __init__(self, reason: RouteError | SessionError) -> None:
         super().__init__(str(reason))
         self.reason = reason
+
+
+def _delay_text(seconds: float) -> str:
+    """Postfix's way: `delay=0.19` under ten seconds, whole seconds above (`delay=3602`)."""
+    return f"{seconds:.2f}".rstrip("0").rstrip(".") if seconds < 10 else str(int(seconds))
 
 
 def _timestamp(moment: float | None) -> str:

@@ -38,6 +38,7 @@ from aiosmtpd.smtp import (
 from relay import metrics
 from relay.config import Config
 from relay.limits import Limits, Refusal
+from relay.logs import fields
 from relay.policy import RecipientPolicy
 from relay.store import AsyncStore, NewMessage, NewRecipient, StorageError, new_queue_id
 
@@ -839,7 +840,13 @@ class IntakeHandler:
 
     def _refused(self, session: RelaySession, what: str, refusal: Refusal) -> str:
         metrics.messages_rejected.labels(refusal.reason).inc()
-        log.info("reject %s from [%s]: %s", what, session.client_ip, refusal.reason)
+        log.info(
+            "reject %s from [%s]: %s",
+            what,
+            session.client_ip,
+            refusal.reason,
+            extra=fields(event="rejected", client=session.client_ip, reason=refusal.reason),
+        )
         return refusal.reply
 
     async def mail(self, session: RelaySession, envelope: RelayEnvelope, sender: str) -> str:
@@ -899,6 +906,12 @@ class IntakeHandler:
                 "reject RCPT from [%s]: relay denied to=<%s>",
                 session.client_ip,
                 recipient.address,
+                extra=fields(
+                    event="rejected",
+                    client=session.client_ip,
+                    to=recipient.address,
+                    reason="relay_denied",
+                ),
             )
             return Reply.RELAY_DENIED.format(address=recipient.address)
         if len(envelope.recipients) >= config.smtp.max_recipients:
@@ -915,7 +928,12 @@ class IntakeHandler:
         hops = count_received(content)
         if hops > config.smtp.max_hops:
             metrics.messages_rejected.labels("too_many_hops").inc()
-            log.info("reject DATA from [%s]: %d hops", session.client_ip, hops)
+            log.info(
+                "reject DATA from [%s]: %d hops",
+                session.client_ip,
+                hops,
+                extra=fields(event="rejected", client=session.client_ip, reason="too_many_hops"),
+            )
             return Reply.TOO_MANY_HOPS
         now = self.clock()
         queue_id = new_queue_id(now)
@@ -947,7 +965,12 @@ class IntakeHandler:
             await self.store.put(message)
         except StorageError as exc:
             metrics.messages_rejected.labels("storage_error").inc()
-            log.error("reject DATA from [%s]: queue write failed: %s", session.client_ip, exc)
+            log.error(
+                "reject DATA from [%s]: queue write failed: %s",
+                session.client_ip,
+                exc,
+                extra=fields(event="rejected", client=session.client_ip, reason="storage_error"),
+            )
             return Reply.STORAGE_ERROR
         session.messages += 1
         for domain in sorted({r.domain for r in recipients}):
@@ -960,6 +983,15 @@ class IntakeHandler:
             len(recipients),
             session.client_ip,
             _clean(message.helo),
+            extra=fields(
+                queue_id=queue_id,
+                event="accepted",
+                from_=message.sender,
+                size=len(message.body),
+                nrcpt=len(recipients),
+                client=session.client_ip,
+                helo=message.helo,
+            ),
         )
         if self.on_accepted is not None:
             self.on_accepted(message)

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import queue
 import signal
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,105 +33,6 @@ from relay.policy import DestinationView, RecipientPolicy
 from relay.store import AsyncStore, NewMessage, StorageError, Store
 
 log = logging.getLogger("relay")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers (`--log-format json`)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        # Structured fields a line carries (`extra={"fields": {...}}`): queue_id, event, ...
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-class TextFormatter(logging.Formatter):
-    """`2026-01-02 03:04:05,678 relay.intake INFO connect from [192.0.2.1]`.
-
-    The same text as logging's default time format, but the date and time are formatted once
-    a second rather than once a line: under load the relay logs thousands of lines a second.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s")
-        self._second = -1
-        self._stamp = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime(self.default_time_format, self.converter(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
-
-
-class BackgroundLogWriter(logging.Handler):
-    """Formats each line where it is logged and writes it from a thread of its own.
-
-    A write to stderr is a system call per line, taken on the event loop that also serves
-    every SMTP session. Here the loop only queues the formatted line; the thread writes what
-    has gathered in one call. At exit (logging.shutdown) every queued line is written before
-    the process ends; a SIGKILL loses at most the last few milliseconds of log, never mail.
-    """
-
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__()
-        self.stream = stream
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._write_lines, name="relay-log", daemon=True)
-        self._thread.start()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._lines.put(self.format(record))
-        except Exception:
-            self.handleError(record)
-
-    def _write_lines(self) -> None:
-        while True:
-            batch = [self._lines.get()]
-            with contextlib.suppress(queue.Empty):
-                while len(batch) < 1000:
-                    batch.append(self._lines.get_nowait())
-            lines = [line for line in batch if line is not None]
-            if lines:
-                with contextlib.suppress(OSError, ValueError):  # stderr gone: nowhere to say so
-                    self.stream.write("\n".join(lines) + "\n")
-                    self.stream.flush()
-            if None in batch:
-                return
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._lines.put(None)
-            self._thread.join(timeout=10)
-        super().close()
-
-
-def setup_logging(fmt: str, level: int = logging.INFO) -> None:
-    handler = BackgroundLogWriter(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    # Log records need not name the source line, thread or process of each call: looking
-    # those up is a third of what a log call costs.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # aiosmtpd logs every command line at INFO; our own log lines carry what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:

@@ -129,7 +129,7 @@ def log_formats() -> Iterator[tuple[str, str, str]]:
 
 def test_the_log_formats_are_found() -> None:
     formats = {fmt for _, _, fmt in log_formats()}
-    assert "%s: to=<%s> relay=%s status=%s (%s)" in formats
+    assert "%s: to=<%s> relay=%s delay=%s dsn=%s status=%s (%s)" in formats
     assert len(formats) > 30
 
 

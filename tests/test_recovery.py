@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -326,6 +327,58 @@ def test_json_log_lines_carry_the_queue_id(tmp_path: Path) -> None:
     assert len(accepted) == 1
     assert accepted[0]["level"] == "info"
     assert {"time", "logger", "message"} <= set(accepted[0])
+
+
+async def test_json_logs_carry_fields_and_text_logs_say_delay_and_dsn(
+    tmp_path: Path, relay_process: Callable[[Path], Any], fake_primary: StartPrimary
+) -> None:
+    """A log shipper reads fields, not a sentence; a postmaster reads Postfix's words."""
+    primary = await fake_primary(
+        address=PRIMARY_ADDRESS, replies={f"gone@{DOMAIN}": "550 5.1.1 no such user"}
+    )
+    domains = primary_domain(primary.port)
+    json_config = write_config(tmp_path, "json.toml", log={"format": "json"}, domain=domains)
+    server = await asyncio.to_thread(relay_process, json_config)
+    assert server.address is not None
+    queue_id = await asyncio.to_thread(
+        send_mail, server.address, [f"bob@{DOMAIN}", f"gone@{DOMAIN}"]
+    )
+
+    def events() -> list[dict[str, Any]]:
+        lines = server.log().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def by_event(name: str) -> list[dict[str, Any]]:
+        return [e for e in events() if e.get("event") == name and e.get("queue_id") == queue_id]
+
+    await wait_until(lambda: by_event("removed"), "the message delivered and removed")
+    [accepted] = by_event("accepted")
+    assert (accepted["from"], accepted["nrcpt"], accepted["client"]) == (
+        "sender@client.test",
+        2,
+        "127.0.0.1",
+    )
+    assert accepted["helo"] == "client.test"
+    [sent] = by_event("sent")
+    assert (sent["to"], sent["status"], sent["dsn"]) == (f"bob@{DOMAIN}", "sent", "2.0.0")
+    assert sent["relay"] == PRIMARY_ADDRESS and isinstance(sent["delay"], float)
+    [bounced] = by_event("bounced")
+    assert (bounced["to"], bounced["dsn"]) == (f"gone@{DOMAIN}", "5.1.1")
+    assert bounced["reason"].startswith("550 5.1.1")
+    assert [e["to"] for e in events() if e.get("event") == "dsn"] == ["sender@client.test"]
+    server.stop()
+
+    text_config = write_config(tmp_path, "text.toml", domain=domains)
+    text = await asyncio.to_thread(relay_process, text_config)
+    assert text.address is not None
+    second = await asyncio.to_thread(send_mail, text.address, [f"bob@{DOMAIN}"])
+    line = await wait_until(
+        lambda: re.search(
+            rf"{second}: to=<bob@{DOMAIN}> relay=\S+ (delay=\S+ dsn=\S+) status=sent", text.log()
+        ),
+        "the delivery line",
+    )
+    assert re.fullmatch(r"delay=\d+(\.\d+)? dsn=2\.0\.0", line.group(1))
 
 
 async def test_a_restart_during_an_outage_keeps_down_since_and_the_metrics(
