@@ -27,7 +27,8 @@ from typing import Protocol
 
 from relay import dsn, metrics
 from relay.config import Config
-from relay.courier import Outgoing, OutgoingRecipient, Reply, Session, SessionError, probe
+from relay.courier import Outgoing, OutgoingRecipient, Reply, Session, SessionError
+from relay.health import DestinationHealth
 from relay.logs import fields
 from relay.mx import Hop, RouteError, Router
 from relay.store import (
@@ -36,7 +37,6 @@ from relay.store import (
     HELD,
     QUEUED,
     AsyncStore,
-    DestinationState,
     MessageRow,
     NewMessage,
     NewRecipient,
@@ -82,20 +82,12 @@ class Connector(Protocol):
     ) -> Awaitable[Session]: ...
 
 
-class Prober(Protocol):
-    def __call__(self, hop: Hop, *, helo: str, timeout: float) -> Awaitable[Reply]: ...
-
-
 @dataclass
 class Destination:
-    """What the scheduler knows about one destination domain's next hops."""
+    """The scheduler's sessions to one destination domain (whether it is up: relay.health)."""
 
     name: str
-    up: bool | None = None  # None: not tried since start
-    since: float | None = None  # when `up` last changed (relay status: up/down since)
     flushed_at: float = float("-inf")  # last recovery or ETRN: mail deferred before it is due
-    last_error: str | None = None
-    last_success: float | None = None
     limit: int = 1
     sessions: int = 0
     streak_2xx: int = 0
@@ -103,7 +95,6 @@ class Destination:
     queue: asyncio.Queue[tuple[MessageRow, tuple[RecipientRow, ...]]] = field(
         default_factory=asyncio.Queue
     )
-    recovered: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -114,7 +105,9 @@ class Scheduler:
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     connect: Connector = Session.open
-    prober: Prober = probe
+    # Whether each destination is up: shared with the recipient policy (relay.service), or
+    # the scheduler's own when it runs alone (tests, benchmarks).
+    health: DestinationHealth | None = None
     batch: int = 1000
     poll_interval: float = 1.0
     # Told every recipient the primary accepted, so that recipient validation (relay.policy)
@@ -128,7 +121,11 @@ class Scheduler:
         self._routes: dict[str, tuple[float, list[Hop]]] = {}
         self._sessions = asyncio.Semaphore(self.config.delivery.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._own_health = self.health is None
+        self.up = self.health or DestinationHealth(self.get_config, self.store, clock=self.clock)
+        if self.up.router is None:
+            self.up.router = self.router
+        self.up.on_recovery.append(self._recovered)
         self._stopping = False
         self._writes: set[asyncio.Task[None]] = set()
         # Outcomes the queue could not record (disk full, I/O error): kept here, their messages
@@ -152,7 +149,8 @@ class Scheduler:
 
     async def run(self) -> None:
         """Polls the queue (CLI changes show within a second) and whenever woken."""
-        await self.restore()
+        if self._own_health:
+            await self.up.restore()
         while not self._stopping:
             try:
                 await self.tick()
@@ -171,21 +169,21 @@ class Scheduler:
         together with whatever else arrived meanwhile, rather than one scheduler pass per
         message; its probe owns the recovery, which makes all of it due at once.
         """
-        destinations = self.destinations
         for domain in domains:
-            dest = destinations.get(domain)
-            if dest is None or dest.up is not False:
+            if not self.up.is_down(domain):
                 self.wake.set()
                 return
 
     async def stop(self) -> None:
         self._stopping = True
         self.wake.set()
-        tasks = [*self._tasks, *self._probes.values()]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._own_health:
+            await self.up.stop()
 
     async def settle(self) -> None:
         """Waits until no session is running and nothing is in flight (tests, benchmarks)."""
@@ -246,11 +244,10 @@ class Scheduler:
         self, domain: str, items: list[tuple[MessageRow, tuple[RecipientRow, ...]]], now: float
     ) -> None:
         dest = self.destination(domain)
-        if dest.up is False:
+        if self.up.is_down(domain):
             # Suspended: the probe owns recovery. Push the due mail on by its backoff.
-            reply = dest.last_error or "421 4.4.1 destination down"
+            reply = self.up.get(domain).last_error or "421 4.4.1 destination down"
             await self._defer_many(items, reply, now, host="")
-            self._ensure_probe(domain)
             return
         for message, recipients in items:
             self.inflight[message.id] += 1
@@ -318,7 +315,9 @@ class Scheduler:
         session: Session | None = None
         hop: Hop | None = None
         try:
-            while not dest.queue.empty() and dest.up is not False and not self._unrecorded:
+            while (
+                not dest.queue.empty() and not self.up.is_down(dest.name) and not self._unrecorded
+            ):
                 message, recipients = dest.queue.get_nowait()
                 if dest.queue.qsize() == REFILL_AT:
                     # Running low while the destination takes mail: fetch the next batch now
@@ -345,7 +344,7 @@ class Scheduler:
         finally:
             if session is not None:
                 await session.close()
-            if dest.up is False:
+            if self.up.is_down(dest.name):
                 await self._defer_queued(dest)
             elif self._unrecorded:
                 self._drop_queued(dest)
@@ -378,8 +377,8 @@ class Scheduler:
         message: MessageRow,
         recipients: tuple[RecipientRow, ...],
     ) -> None:
-        body = await self.store.run(lambda s: s.body(message.id))
-        if body is None:  # deleted by the operator meanwhile
+        body = await self.store.run(lambda s: s.body(message.id, unless_held=True))
+        if body is None:  # deleted or held by the operator since it was found due
             return
         outgoing = Outgoing(
             id=message.id,
@@ -418,7 +417,7 @@ class Scheduler:
             if 200 <= reply.code < 300:
                 dest.streak_4xx = 0
                 dest.streak_2xx += 1
-                self._mark_up(dest, now)
+                self.up.succeeded(dest.name, now)
                 if dest.streak_2xx >= RAMP_STEP:
                     dest.streak_2xx = 0
                     dest.limit = min(dest.limit + 1, self.config.delivery.per_host_concurrency)
@@ -466,7 +465,7 @@ class Scheduler:
 
     async def _defer_queued(self, dest: Destination) -> None:
         """The destination went down: everything still waiting for it is deferred now."""
-        reply = dest.last_error or "421 4.4.1 destination down"
+        reply = self.up.get(dest.name).last_error or "421 4.4.1 destination down"
         items = []
         while not dest.queue.empty():
             items.append(dest.queue.get_nowait())
@@ -483,125 +482,34 @@ class Scheduler:
 
     # -- up and down ------------------------------------------------------------------------
 
-    def _mark_up(self, dest: Destination, now: float) -> None:
-        dest.last_success = now
-        if self.config.domain(dest.name) is not None:
-            metrics.primary_up.labels(dest.name).set(1)
-            metrics.primary_last_success.labels(dest.name).set(now)
-        if dest.up is not True:
-            if dest.up is False:
-                log.info("%s: destination is up again", dest.name)
-            dest.up = True
-            dest.recovered.set()
-            dest.since = now
-            self._persist(dest)
-
     def _mark_down(self, dest: Destination, error: str, now: float) -> None:
-        dest.last_error = error
-        if self.config.domain(dest.name) is not None:
-            metrics.primary_up.labels(dest.name).set(0)
-        if dest.up is not False:
-            log.warning("%s: destination down: %s", dest.name, error)
-            dest.up = False
-            dest.since = now
+        if not self.up.is_down(dest.name):
             dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
-            dest.recovered.clear()
-            self._persist(dest)
-        self._ensure_probe(dest.name)
+        self.up.failed(dest.name, error, now)
 
-    async def restore(self) -> None:
-        """Takes up what an earlier run knew of each destination: a restart on day 3 of an
-        outage still says "down since day 0", in `relay status`, the metrics and the log.
-
-        A destination that was down gets its probe at once (the primary may have come back
-        while we were stopped); until that probe answers, its mail is deferred as before.
-        """
+    async def _recovered(self, domain: str) -> None:
+        """The destination answers again (relay.health): all of its mail is due at once."""
+        now = self.clock()
+        self.destination(domain).flushed_at = now
         try:
-            states = await self.store.run(Store.destinations)
+            count = await self.store.run(
+                functools.partial(Store.reschedule, domain=domain, when=now)
+            )
         except StorageError as exc:
-            log.warning("destination states not restored: %s", exc)
-            return
-        for name, state in states.items():
-            dest = self.destination(name)
-            dest.up, dest.since = state.up, state.since
-            dest.last_error, dest.last_success = state.last_error, state.last_success
-            if self.config.domain(name) is not None:
-                if state.up is not None:
-                    metrics.primary_up.labels(name).set(int(state.up))
-                if state.last_success is not None:
-                    metrics.primary_last_success.labels(name).set(state.last_success)
-            if state.up is False:
-                since = _timestamp(state.since)
-                log.info("%s: destination down since %s (restored): probing", name, since)
-                dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
-                self._ensure_probe(name, first_delay=0.0)
-
-    def _persist(self, dest: Destination) -> None:
-        """Saves the up/down change for `relay status`; never blocks a delivery on it."""
-        state = DestinationState(dest.name, dest.up, dest.since, dest.last_error, dest.last_success)
-        task = asyncio.create_task(self._save_destination(state))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _save_destination(self, state: DestinationState) -> None:
-        try:
-            await self.store.run(lambda s: s.save_destination(state))
-        except StorageError as exc:
-            log.warning("%s: could not save the destination's state: %s", state.domain, exc)
-
-    def _ensure_probe(self, domain: str, first_delay: float | None = None) -> None:
-        task = self._probes.get(domain)
-        if task is None or task.done():
-            self._probes[domain] = asyncio.create_task(self._probe_loop(domain, first_delay))
-
-    async def _probe_loop(self, domain: str, first_delay: float | None = None) -> None:
-        """Every probe_interval: banner, EHLO, QUIT. The first success releases all the mail."""
-        dest = self.destination(domain)
-        delay = self.config.delivery.probe_interval if first_delay is None else first_delay
-        while dest.up is False and not self._stopping:
-            await asyncio.sleep(delay)
-            delay = self.config.delivery.probe_interval
-            try:
-                self._routes.pop(domain, None)  # DNS may have changed during the outage
-                hops = await self._route(domain)
-                await self._probe_hops(hops)
-            except (RouteError, SessionError) as exc:
-                dest.last_error = str(exc.reply) if isinstance(exc, SessionError) else str(exc)
-                continue
-            now = self.clock()
-            dest.flushed_at = now
-            self._mark_up(dest, now)
-            try:
-                count = await self.store.run(
-                    functools.partial(Store.reschedule, domain=domain, when=now)
-                )
-            except StorageError as exc:
-                # The flush stays in memory (flushed_at): deferrals decided before it come due
-                # at once when they are written, and the next poll finds what is due.
-                log.warning("%s: primary answers again; queue not writable: %s", domain, exc)
-            else:
-                due = plural(count, "recipient")
-                log.info("%s: primary answers again; %s due now", domain, due)
-            self.wake.set()
-
-    async def _probe_hops(self, hops: Sequence[Hop]) -> Reply:
-        error: SessionError | None = None
-        for hop in hops:
-            try:
-                return await self.prober(hop, helo=self.config.hostname, timeout=10.0)
-            except SessionError as exc:
-                error = exc
-        assert error is not None
-        raise error
+            # The flush stays in memory (flushed_at): deferrals decided before it come due
+            # at once when they are written, and the next poll finds what is due.
+            log.warning("%s: primary answers again; queue not writable: %s", domain, exc)
+        else:
+            due = plural(count, "recipient")
+            log.info("%s: primary answers again; %s due now", domain, due)
+        self.wake.set()
 
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
         now = self.clock()
         self.destination(domain).flushed_at = now
         count = await self.store.run(lambda s: s.reschedule(domain, now))
-        dest = self.destinations.get(domain)
-        if dest is not None and dest.up is False:
-            dest.up = None  # try for real on the next tick rather than waiting for the probe
+        self.up.probe_soon(domain)  # down: ask now; its answer releases the mail
         self.wake.set()
         return int(count)
 
@@ -913,12 +821,6 @@ class _RouteFailed(Exception):
 def _delay_text(seconds: float) -> str:
     """Postfix's way: `delay=0.19` under ten seconds, whole seconds above (`delay=3602`)."""
     return f"{seconds:.2f}".rstrip("0").rstrip(".") if seconds < 10 else str(int(seconds))
-
-
-def _timestamp(moment: float | None) -> str:
-    if moment is None:
-        return "an unknown time"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 def _domain(address: str) -> str:

@@ -73,6 +73,12 @@ primary_up = Gauge(
     ["domain"],
     registry=REGISTRY,
 )
+destination_transitions = Counter(
+    "relay_primary_transitions",
+    "Changes of a domain's primary between up and down (relay.health), by the state entered.",
+    ["domain", "state"],
+    registry=REGISTRY,
+)
 primary_last_success = Gauge(
     "relay_primary_last_success_timestamp_seconds",
     "Unix time of the last successful probe or delivery to the domain's primary.",

@@ -31,21 +31,20 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from relay.config import Config, DomainConfig
-from relay.courier import Reply, SessionError, probe, verify_recipient
+from relay.courier import Reply, SessionError, verify_recipient
+from relay.health import DestinationHealth, first_answer
 from relay.limits import Refusal
-from relay.mx import Hop, RouteError, Router
-from relay.store import AsyncStore, DestinationState, StorageError, Store, address_key
+from relay.mx import Hop, RouteError
+from relay.store import AsyncStore, StorageError, Store, address_key
 from relay.words import plural
 
 log = logging.getLogger("relay.policy")
 
 CALLOUT_TIMEOUT = 30.0  # per reply; a sender waits 5 minutes for our RCPT reply (RFC 5321 4.5.3.2)
-PROBE_TIMEOUT = 10.0
-UP_REFRESH = 12  # an "up" is re-checked every 12 probe intervals (1 minute by default)
 LEARN_REFRESH = 86400.0  # a learned mailbox is written again at most once a day
 _PRUNE_EVERY = 1024
 
@@ -71,27 +70,10 @@ class Session(Protocol):
     unknown_recipients: int
 
 
-class DestinationView(Protocol):
-    """What the delivery scheduler knows of a destination (relay.delivery.Destination)."""
-
-    @property
-    def up(self) -> bool | None: ...
-
-    @property
-    def last_success(self) -> float | None: ...
-
-    @property
-    def since(self) -> float | None: ...
-
-
 class Verifier(Protocol):
     def __call__(
         self, hop: Hop, *, helo: str, address: str, timeout: float
     ) -> Awaitable[Reply]: ...
-
-
-class Prober(Protocol):
-    def __call__(self, hop: Hop, *, helo: str, timeout: float) -> Awaitable[Reply]: ...
 
 
 cache_key = address_key  # the remembered answers' key, shared with `relay recipients`
@@ -299,134 +281,6 @@ class VerdictCache:
             await self._write()
 
 
-# -- is the primary up? ------------------------------------------------------------------------
-
-
-@dataclass
-class PrimaryWatch:
-    """Whether each domain's primary answers: the scheduler's view, kept fresh by our probes.
-
-    The scheduler knows a primary is down (its probe then runs until it is back) and that it was
-    up at its last successful delivery; with no mail to deliver it learns nothing. So for the
-    domains that need to know (`accept = "when_primary_down"`, `verify = "callout"`), `run` probes
-    the primary (connect, EHLO, QUIT) whenever the newest observation is older than
-    `UP_REFRESH` probe intervals (one while down). Callouts count as observations too.
-    """
-
-    get_config: Callable[[], Config]
-    destinations: Callable[[str], DestinationView | None]
-    clock: Callable[[], float] = time.time
-    prober: Prober = probe
-    router: Router | None = None
-    seen: dict[str, tuple[bool, float]] = field(default_factory=dict)
-    _probes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    _down_since: dict[str, float] = field(default_factory=dict)
-
-    def observe(self, domain: str, up: bool) -> None:
-        now = self.clock()
-        self.seen[domain] = (up, now)
-        if up:
-            self._down_since.pop(domain, None)
-        else:
-            self._down_since.setdefault(domain, now)
-
-    def restore(self, states: dict[str, DestinationState]) -> None:
-        """At start-up: outages the last run saw, so that their clock does not start again."""
-        for domain, state in states.items():
-            if state.up is False and state.since is not None:
-                self.seen[domain] = (False, state.since)
-                self._down_since[domain] = state.since
-
-    def down_since(self, domain: str) -> float | None:
-        """When the current outage of the domain's primary began; None while it is not down."""
-        dest = self.destinations(domain)
-        if dest is not None and dest.up is False:
-            return dest.since or self._down_since.get(domain)
-        if self.state(domain) is False:
-            return self._down_since.get(domain)
-        return None
-
-    def _newest(self, domain: str) -> tuple[bool, float] | None:
-        dest = self.destinations(domain)
-        if dest is not None and dest.up is False:
-            return (False, self.clock())  # the scheduler's probe runs until it is back
-        candidates = [self.seen[domain]] if domain in self.seen else []
-        if dest is not None and dest.up and dest.last_success is not None:
-            candidates.append((True, dest.last_success))
-        return max(candidates, key=lambda c: c[1]) if candidates else None
-
-    def state(self, domain: str) -> bool | None:
-        """True up, False down, None never seen; never waits."""
-        newest = self._newest(domain)
-        return None if newest is None else newest[0]
-
-    def fresh(self, domain: str) -> bool:
-        newest = self._newest(domain)
-        if newest is None:
-            return False
-        interval = self.get_config().delivery.probe_interval
-        return self.clock() - newest[1] < (interval * UP_REFRESH if newest[0] else interval)
-
-    async def current(self, domain: str) -> bool | None:
-        """The state, probing first when there is none yet."""
-        if self.state(domain) is None:
-            await self.refresh(domain)
-        return self.state(domain)
-
-    async def refresh(self, domain: str) -> None:
-        task = self._probes.get(domain)
-        if task is None or task.done():
-            task = asyncio.create_task(self._probe(domain))
-            self._probes[domain] = task
-        await asyncio.shield(task)
-
-    async def _probe(self, domain: str) -> None:
-        config = self.get_config()
-        settings = config.domain(domain)
-        if settings is None or self.router is None:
-            return
-        try:
-            hops = await self.router.hops(domain, settings.primary)
-        except RouteError as exc:
-            log.info("%s: primary not routable: %s", domain, exc)
-            self.observe(domain, False)
-            return
-        for hop in hops:
-            try:
-                await self.prober(hop, helo=config.hostname, timeout=PROBE_TIMEOUT)
-            except SessionError as exc:
-                log.debug("%s: probe of %s failed: %s", domain, hop.host, exc.reply)
-                continue
-            self._changed(domain, True)
-            return
-        self._changed(domain, False)
-
-    def _changed(self, domain: str, up: bool) -> None:
-        if self.state(domain) is not up:
-            log.info("%s: primary is %s (our probe)", domain, "up" if up else "down")
-        self.observe(domain, up)
-
-    async def run(self) -> None:
-        """Keeps every watched domain's state fresh until cancelled."""
-        while True:
-            config = self.get_config()
-            for settings in config.domains:
-                watched = settings.accept == "when_primary_down" or settings.verify == "callout"
-                if watched and not self.fresh(settings.name):
-                    task = self._probes.get(settings.name)
-                    if task is None or task.done():
-                        self._probes[settings.name] = asyncio.create_task(
-                            self._probe(settings.name)
-                        )
-            await asyncio.sleep(config.delivery.probe_interval)
-
-    async def stop(self) -> None:
-        tasks = [t for t in self._probes.values() if not t.done()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 # -- the policy --------------------------------------------------------------------------------
 
 
@@ -438,10 +292,9 @@ class RecipientPolicy:
         get_config: Callable[[], Config],
         *,
         store: AsyncStore | None,
-        destinations: Callable[[str], DestinationView | None],
+        health: DestinationHealth,
         clock: Callable[[], float] = time.time,
         verifier: Verifier = verify_recipient,
-        prober: Prober = probe,
         callout_timeout: float = CALLOUT_TIMEOUT,
     ) -> None:
         self.get_config = get_config
@@ -451,17 +304,11 @@ class RecipientPolicy:
         self.lists = RecipientLists()
         self.store = store
         self.cache = VerdictCache(store, clock, self._expired)
-        self.watch = PrimaryWatch(get_config, destinations, clock=clock, prober=prober)
+        self.health = health
         self._callouts: dict[str, asyncio.Task[bool | None]] = {}
-        self._watch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Loads the remembered answers and the outages they outlive (before listeners open)."""
-        if self.store is not None:
-            try:
-                self.watch.restore(await self.store.run(Store.destinations))
-            except StorageError as exc:
-                log.error("cannot read the primaries' last states: %s", exc)
+        """Loads the remembered answers (after the health restore, before listeners open)."""
         await self.cache.load()
 
     def _expired(self, key: str, verdict: Verdict, now: float) -> bool:
@@ -470,26 +317,17 @@ class RecipientPolicy:
         if settings is None:
             return True
         ttl = settings.verify_positive_ttl if verdict.accepted else settings.verify_negative_ttl
-        return verdict_age(verdict.at, now, self.watch.down_since(domain)) >= ttl
+        return verdict_age(verdict.at, now, self.health.down_since(domain)) >= ttl
 
     async def reread(self) -> None:
         """The CLI changed the database (`relay recipients import` or `forget`): take it up."""
         await self.cache.load()
 
-    def attach(self, router: Router) -> None:
-        """Routes to the primaries are known (the listeners are open): start watching them."""
-        self.watch.router = router
-        if self._watch_task is None:
-            self._watch_task = asyncio.create_task(self.watch.run())
-
     async def stop(self) -> None:
         tasks = [t for t in self._callouts.values() if not t.done()]
-        if self._watch_task is not None:
-            tasks.append(self._watch_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.watch.stop()
         await self.cache.close()
 
     def reload(self) -> None:
@@ -504,7 +342,7 @@ class RecipientPolicy:
 
     async def rcpt(self, session: Session, settings: DomainConfig, address: str) -> Refusal | None:
         """None to accept `address` (of the configured domain `settings`), else the refusal."""
-        if settings.accept == "when_primary_down" and await self.watch.current(settings.name):
+        if settings.accept == "when_primary_down" and await self.health.current(settings.name):
             return Refusal(Replies.PRIMARY_UP.format(address=address), "primary_up")
         known = await self._known(settings, address)
         if known:
@@ -530,7 +368,7 @@ class RecipientPolicy:
         cached = self.cache.get(address)
         if cached is not None:
             return cached
-        if self.watch.state(settings.name) is False:
+        if self.health.is_down(settings.name):
             return None
         key = cache_key(address)
         task = self._callouts.get(key)
@@ -555,7 +393,7 @@ class RecipientPolicy:
         return accepted
 
     async def _ask_primary(self, settings: DomainConfig, address: str) -> Reply | None:
-        router = self.watch.router
+        router = self.health.router
         if router is None:
             return None
         config = self.get_config()
@@ -563,18 +401,19 @@ class RecipientPolicy:
             hops = await router.hops(settings.name, settings.primary)
         except RouteError as exc:
             log.info("callout <%s>: no route: %s", address, exc)
-            self.watch.observe(settings.name, False)
+            self.health.failed(settings.name, str(exc))
             return None
         timeout = min(self.callout_timeout, config.delivery.timeout)
-        for hop in hops:
-            try:
-                reply = await self.verifier(
+        try:
+            reply = await first_answer(
+                hops,
+                lambda hop: self.verifier(
                     hop, helo=config.hostname, address=address, timeout=timeout
-                )
-            except SessionError as exc:
-                log.info("callout <%s> to %s: %s", address, hop.host, exc.reply)
-                continue
-            self.watch.observe(settings.name, True)
-            return reply
-        self.watch.observe(settings.name, False)
-        return None
+                ),
+            )
+        except SessionError as exc:
+            log.info("callout <%s>: no primary answered: %s", address, exc.reply)
+            self.health.failed(settings.name, str(exc.reply))
+            return None
+        self.health.succeeded(settings.name)
+        return reply

@@ -26,10 +26,11 @@ from relay import audit, metrics
 from relay import config as config_module
 from relay.config import Config
 from relay.delivery import Scheduler
+from relay.health import DestinationHealth
 from relay.intake import IntakeHandler, RelaySMTP
 from relay.limits import Limits
 from relay.mx import Router
-from relay.policy import DestinationView, RecipientPolicy
+from relay.policy import RecipientPolicy
 from relay.store import AsyncStore, NewMessage, StorageError, Store
 
 log = logging.getLogger("relay")
@@ -114,8 +115,9 @@ class Relay:
             cfg.queue.path, clock, on_write_error=metrics.queue_write_errors.inc
         )
         self.limits = Limits(lambda: self.config)
+        self.health = DestinationHealth(lambda: self.config, self.store, clock=clock)
         self.policy = RecipientPolicy(
-            lambda: self.config, store=self.store, destinations=self._destination, clock=clock
+            lambda: self.config, store=self.store, health=self.health, clock=clock
         )
         self.handler = IntakeHandler(
             get_config=lambda: self.config,
@@ -126,7 +128,9 @@ class Relay:
             policy=self.policy,
         )
         self.metrics_server = MetricsServer(cfg.queue.path, problems=self._problems)
-        self._collector = metrics.QueueCollector(self.metrics_server.snapshot, self._down)
+        self._collector = metrics.QueueCollector(
+            self.metrics_server.snapshot, self.health.down_names
+        )
         self.smtp_servers: list[asyncio.Server] = []
         self.http_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
@@ -147,15 +151,6 @@ class Relay:
         metrics.queue_lifetime.set(self.config.queue.lifetime)
         metrics.queue_bounces_on_expiry.set(int(self.config.queue.on_expiry == "bounce"))
 
-    def _down(self) -> list[str]:
-        """Domains whose primary is down now: their queue series stay in the scrape at zero."""
-        if self.scheduler is None:
-            return []
-        return [name for name, dest in self.scheduler.destinations.items() if dest.up is False]
-
-    def _destination(self, domain: str) -> DestinationView | None:
-        return self.scheduler.destinations.get(domain) if self.scheduler is not None else None
-
     def _accepted(self, message: NewMessage) -> None:
         if self.scheduler is not None:
             self.scheduler.accepted({r.domain for r in message.recipients})
@@ -175,6 +170,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         metrics.REGISTRY.register(self._collector)
         self._export_settings()
+        await self.health.restore()
         await self.policy.start()
         for host, port in self.config.smtp.listen:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -213,9 +209,10 @@ class Relay:
             router=router,
             clock=self.clock,
             learn=self.policy.learn,
+            health=self.health,
         )
         self.handler.flush_domain = self.scheduler.flush_domain
-        self.policy.attach(router)
+        self.health.start(router)
         self._delivery_task = asyncio.create_task(self.scheduler.run())
 
     async def _follow_operators(self, interval: float = 1.0) -> None:
@@ -289,6 +286,7 @@ class Relay:
             self._operators_task.cancel()
             await asyncio.gather(self._operators_task, return_exceptions=True)
         await self.policy.stop()
+        await self.health.stop()
         with contextlib.suppress(KeyError):
             metrics.REGISTRY.unregister(self._collector)
         await asyncio.to_thread(self.store.close)

@@ -650,10 +650,15 @@ class Store:
         return found[0] if found else None
 
     @_translated
-    def body(self, message_id: str) -> bytes | None:
-        row = self.conn.execute(
-            "SELECT data FROM bodies WHERE message_id = ?", (message_id,)
-        ).fetchone()
+    def body(self, message_id: str, *, unless_held: bool = False) -> bytes | None:
+        """The stored message; with `unless_held`, None for a held one too: the scheduler reads
+        the body last thing before sending, so an operator's hold stops even a message that was
+        already found due (only a transaction already under way can still finish)."""
+        sql = "SELECT data FROM bodies WHERE message_id = ?"
+        if unless_held:
+            sql += " AND message_id IN (SELECT id FROM messages WHERE id = ? AND state != ?)"
+        params = (message_id, message_id, HELD) if unless_held else (message_id,)
+        row = self.conn.execute(sql, params).fetchone()
         return bytes(row[0]) if row else None
 
     @_translated

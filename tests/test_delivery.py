@@ -269,7 +269,7 @@ async def test_new_mail_wakes_the_scheduler_unless_its_destination_is_known_down
 
     await harness.put(["bob@example.test"])
     await harness.run()  # refused: the destination is now known down
-    assert scheduler.destinations["example.test"].up is False
+    assert scheduler.up.is_down("example.test")
     scheduler.wake.clear()
     scheduler.accepted(["example.test"])
     assert not scheduler.wake.is_set()
@@ -290,10 +290,10 @@ async def test_unreachable_primary_defers_and_the_probe_delivers_on_recovery(
     assert row is not None and row.recipients[0].state == QUEUED
     assert row.recipients[0].attempts == 1
     assert harness.scheduler is not None
-    assert harness.scheduler.destinations["example.test"].up is False
+    assert harness.scheduler.up.is_down("example.test")
     fake = await fake_primary(address="127.0.0.3", port=port)
     scheduler = harness.scheduler
-    recovered = scheduler.destinations["example.test"].recovered
+    recovered = scheduler.up.get("example.test").recovered
     await asyncio.wait_for(recovered.wait(), 10)
     # The backoff (1h) never elapsed: the probe made the mail due now.
     await harness.run()
@@ -627,3 +627,25 @@ async def test_an_io_error_recording_outcomes_stops_delivery_until_they_are_writ
     delivered = sorted(t.rcpts[0][0] for t in fake.delivered)
     assert delivered == [f"user{n}@example.test" for n in range(3)]
     assert _message_ids(harness.rows()) == set()
+
+
+async def test_a_hold_stops_a_message_already_found_due(
+    harness: Harness, fake_primary: Start
+) -> None:
+    """The operator holds a message while its session is being opened: it is not sent."""
+    fake = await fake_primary()
+    harness.configure([f"{fake.address}:{fake.port}"])
+    message_id = await harness.put(["bob@example.test"])
+    scheduler = harness.scheduler
+    assert scheduler is not None
+    opened = scheduler.connect
+
+    async def hold_then_open(hop: Any, **options: Any) -> Any:
+        harness.rows().hold([message_id])  # another connection, as `relay queue hold` is
+        return await opened(hop, **options)
+
+    scheduler.connect = hold_then_open
+    await harness.run()
+    assert fake.transactions == []
+    [row] = harness.rows().list_messages()
+    assert (row.id, row.state) == (message_id, "held")

@@ -228,7 +228,7 @@ async def test_while_the_primary_is_down_known_mailboxes_are_accepted_and_others
     replies = await rcpt_replies(server, f"stranger@{DOMAIN}", f"known@{DOMAIN}")
     assert replies == [UNVERIFIED.format(f"stranger@{DOMAIN}"), "250 2.1.5 Ok"]
     assert rejected("unverified") == before + 1
-    assert server.policy.watch.state(DOMAIN) is False
+    assert server.health.is_down(DOMAIN)
     # While it stays down, no RCPT waits for a callout: the relay knows it is down.
     assert await rcpt_replies(server, f"other@{DOMAIN}") == [UNVERIFIED.format(f"other@{DOMAIN}")]
 
@@ -300,7 +300,7 @@ async def test_a_known_mailbox_stays_known_through_an_outage_longer_than_its_ttl
         await primary.stop()
         # Mail for the known mailbox arrives; its delivery finds the primary down.
         await asyncio.to_thread(send_mail, smtp_address(server), [f"known@{DOMAIN}"])
-        await eventually(lambda: server.policy.watch.down_since(DOMAIN), "the outage noticed")
+        await eventually(lambda: server.health.down_since(DOMAIN), "the outage noticed")
         later[0] = 8 * 86400.0
         replies = await rcpt_replies(server, f"known@{DOMAIN}", f"stranger@{DOMAIN}")
         assert replies == ["250 2.1.5 Ok", UNVERIFIED.format(f"stranger@{DOMAIN}")]
@@ -417,7 +417,7 @@ async def test_accept_when_primary_down_turns_mail_away_while_the_primary_is_up(
     assert not primary.transactions  # probes only: nothing was sent to the primary
 
     await primary.stop()
-    await eventually(lambda: server.policy.watch.state(DOMAIN) is False, "the outage noticed")
+    await eventually(lambda: server.health.is_down(DOMAIN), "the outage noticed")
     assert await rcpt_replies(server, f"anyone@{DOMAIN}") == ["250 2.1.5 Ok"]
 
 

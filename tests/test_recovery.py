@@ -59,8 +59,7 @@ async def metric(url: str, name: str, **labels: str) -> float:
 
 def seen_down(server: Relay) -> bool:
     """Whether the scheduler has found the primary of DOMAIN down."""
-    dest = server.scheduler.destinations.get(DOMAIN) if server.scheduler else None
-    return dest is not None and dest.up is False
+    return server.health.is_down(DOMAIN)
 
 
 def primary_domain(port: int, **extra: Any) -> list[dict[str, Any]]:
