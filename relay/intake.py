@@ -41,6 +41,7 @@ from relay.limits import Limits, Refusal
 from relay.logs import fields
 from relay.policy import RecipientPolicy
 from relay.store import AsyncStore, NewMessage, NewRecipient, StorageError, new_queue_id
+from relay.words import plural
 
 log = logging.getLogger("relay.intake")
 
@@ -87,6 +88,9 @@ class Reply:
     ETRN_STARTED = "250 2.0.0 Queuing for node {domain} started"
     ETRN_DENIED = "459 4.7.1 <{domain}>: ETRN not allowed from [{client}]"
     ETRN_UNKNOWN = "459 4.7.1 <{domain}>: not a domain we relay for"
+    # RFC 1985 section 5: 458 "unable to queue messages for node"; we keep one queue, not named
+    # ones, so "#queue" is a request we cannot do, not a node we refuse (459).
+    ETRN_NO_NAMED_QUEUES = "458 4.5.1 <{domain}>: named queues are not supported; use ETRN domain"
     LINE_TOO_LONG = "500 5.5.2 Error: command line too long"
     TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 
@@ -454,15 +458,23 @@ class RelaySMTP(SMTP):
 
     @syntax("ETRN domain")
     async def smtp_ETRN(self, arg: str | None) -> None:
-        """RFC 1985: a trusted client asks us to flush a domain's queue now."""
+        """RFC 1985: a trusted client asks us to flush a domain's queue now.
+
+        `ETRN example.org` flushes that domain; `ETRN @example.org` it and every configured
+        subdomain of it; `ETRN #queue` names a queue, which we do not have (458).
+        """
         if not self.relay_session().host_name:
             await self.push(Reply.NEED_HELO)
             return
-        domain = (arg or "").strip()
-        if not domain or domain[0] in "@#" or " " in domain:
+        node = (arg or "").strip()
+        name = node[1:] if node[:1] in ("@", "#") else node
+        if not name or " " in node or name[:1] in ("@", "#"):
             await self.push(Reply.ETRN_SYNTAX)
             return
-        await self.push(await self.relay_handler.etrn(self.relay_session(), domain))
+        if node.startswith("#"):
+            await self.push(Reply.ETRN_NO_NAMED_QUEUES.format(domain=node))
+            return
+        await self.push(await self.relay_handler.etrn(self.relay_session(), node))
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         await self.push(Reply.NO_AUTH)
@@ -753,6 +765,15 @@ def count_received(content: bytes) -> int:
     return len(_RECEIVED.findall(header))
 
 
+def etrn_domains(config: Config, node: str) -> list[str]:
+    """The configured domains an ETRN node names: one, or with `@`, a domain and its subdomains."""
+    if not node.startswith("@"):
+        settings = config.domain(node)
+        return [settings.name] if settings is not None else []
+    parent = node[1:].lower().rstrip(".")
+    return [d.name for d in config.domains if d.name == parent or d.name.endswith("." + parent)]
+
+
 def recipient_problem(address: str) -> str | None:
     """Syntax a backup MX refuses before looking at domains (RFC 5321 4.1.2, 3.6.1)."""
     local, at, domain = address.rpartition("@")
@@ -824,19 +845,22 @@ class IntakeHandler:
         return Reply.INTERNAL_ERROR
 
     def extra_extensions(self, session: RelaySession) -> list[str]:
-        return ["ETRN"] if self.config.smtp.etrn_clients else []
+        """ETRN, to the clients allowed to use it (RFC 1985 3): others would only get 459."""
+        return ["ETRN"] if client_allowed(session.client_ip, self.config.smtp.etrn_clients) else []
 
-    async def etrn(self, session: RelaySession, domain: str) -> str:
+    async def etrn(self, session: RelaySession, node: str) -> str:
+        """`node` is a domain, or `@domain` for it and its configured subdomains."""
         config = self.config
         if not client_allowed(session.client_ip, config.smtp.etrn_clients):
-            log.info("reject ETRN %s from [%s]: client not allowed", domain, session.client_ip)
-            return Reply.ETRN_DENIED.format(domain=domain, client=session.client_ip)
-        settings = config.domain(domain)
-        if settings is None or self.flush_domain is None:
-            return Reply.ETRN_UNKNOWN.format(domain=domain)
-        count = await self.flush_domain(settings.name)
-        log.info("ETRN %s from [%s]: %d recipients due now", domain, session.client_ip, count)
-        return Reply.ETRN_STARTED.format(domain=domain)
+            log.info("reject ETRN %s from [%s]: client not allowed", node, session.client_ip)
+            return Reply.ETRN_DENIED.format(domain=node, client=session.client_ip)
+        names = etrn_domains(config, node)
+        if not names or self.flush_domain is None:
+            return Reply.ETRN_UNKNOWN.format(domain=node)
+        count = sum([await self.flush_domain(name) for name in names])
+        due = plural(count, "recipient")
+        log.info("ETRN %s from [%s]: %s due now", node, session.client_ip, due)
+        return Reply.ETRN_STARTED.format(domain=node)
 
     def _refused(self, session: RelaySession, what: str, refusal: Refusal) -> str:
         metrics.messages_rejected.labels(refusal.reason).inc()

@@ -209,11 +209,49 @@ async def test_etrn_from_other_clients_is_refused(relay_factory: StartRelay) -> 
     from tests.conftest import conversation
 
     async with conversation(smtp_address(server)) as talk:
-        await talk.ehlo()
+        ehlo = await talk.ehlo()
         refused = await talk.command(f"ETRN {DOMAIN}")
         syntax = await talk.command("ETRN")
+    assert "ETRN" not in ehlo.text  # RFC 1985 3: advertised to those who may use it
     assert refused.code == 459
     assert syntax.code == 501
+
+
+async def test_etrn_at_domain_flushes_the_domain_and_its_subdomains_only(
+    relay_factory: StartRelay, fake_primary: StartPrimary
+) -> None:
+    """RFC 1985: `ETRN @example.test` is the domain and its subdomains; `#queue` is refused."""
+    port = unused_port(PRIMARY_ADDRESS)
+    hop = [f"{PRIMARY_ADDRESS}:{port}"]
+    names = (DOMAIN, f"sub.{DOMAIN}", "other.test")
+    server = await relay_factory(
+        domain=[{"name": name, "primary": hop, "tls": "none"} for name in names],
+        retry={"min": "1h", "max": "4h"},
+        delivery={"probe_interval": "1h"},  # only ETRN can bring this mail back now
+        smtp={"etrn_clients": ["127.0.0.0/8"]},
+    )
+    for name in names:
+        await send(server, 1, to=f"bob@{name}")
+    await wait_until(lambda: all(server.health.is_down(n) for n in names), "all three down")
+    primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
+    from tests.conftest import conversation
+
+    async with conversation(smtp_address(server)) as talk:
+        await talk.ehlo()
+        named_queue = await talk.command("ETRN #relayq")
+        unknown = await talk.command("ETRN @nowhere.test")
+        empty = await talk.command("ETRN @")
+        flushed = await talk.command(f"ETRN @{DOMAIN}")
+    assert named_queue.code == 458 and "named queues are not supported" in named_queue.text
+    assert unknown.code == 459 and empty.code == 501
+    assert flushed.text == f"250 2.0.0 Queuing for node @{DOMAIN} started"
+
+    def delivered_to() -> set[str]:
+        return {rcpt for t in primary.delivered for rcpt, _ in t.rcpts}
+
+    await wait_until(lambda: len(delivered_to()) == 2, "delivery after ETRN @domain")
+    assert delivered_to() == {f"bob@{DOMAIN}", f"bob@sub.{DOMAIN}"}
+    assert server.health.is_down("other.test")
 
 
 async def test_status_shows_queue_and_primary_state(
