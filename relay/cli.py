@@ -21,6 +21,7 @@ from relay.config import Config, ConfigError
 from relay.store import (
     HELD,
     Actor,
+    Attempt,
     DomainSummary,
     ListingRow,
     MessageRow,
@@ -251,21 +252,21 @@ def _listing(rows: Sequence[ListingRow], now: float) -> str:
         if address is None:
             continue
         count += 1
-        plural = "" if attempts == 1 else "s"
+        tried = plural(attempts, "attempt")
         if r_state == "queued" and not is_held and attempts:
             seconds = int(due - now)
             wait = ages.get(seconds) or ages.setdefault(seconds, _age(seconds))
-            add(f"{indent}{address}  ({r_state}, {attempts} attempt{plural}, next in {wait})")
+            add(f"{indent}{address}  ({r_state}, {tried}, next in {wait})")
         else:
-            add(f"{indent}{address}  ({r_state}, {attempts} attempt{plural})")
+            add(f"{indent}{address}  ({r_state}, {tried})")
         if reply and r_state != "delivered":
             add(reply_indent + reply)
     add("")
     kbytes = (total + 1023) // 1024
     held_text = f" ({held} held)" if held else ""
     add(
-        f"-- {kbytes} Kbytes in {messages} message{'s' if messages != 1 else ''}"
-        f"{held_text}, {count} recipient{'s' if count != 1 else ''}."
+        f"-- {kbytes} Kbytes in {plural(messages, 'message')}{held_text},"
+        f" {plural(count, 'recipient')}."
     )
     return "\n".join(lines)
 
@@ -331,9 +332,7 @@ def show(ctx: click.Context, message_id: str, body: bool, config_path: str | Non
         if r.last_reply:
             out.append(f"    last reply: {r.last_reply}")
     out.append("attempts:")
-    out += [
-        f"  {_rfc3339(a.at)} <{a.address}> via {a.host or '-'}: {a.reply}" for a in row.attempts
-    ]
+    out += [f"  {_rfc3339(a.at)} <{a.address}> {attempt_path(a)}: {a.reply}" for a in row.attempts]
     if not row.attempts:
         out.append("  (none yet)")
     click.echo("\n".join(out))
@@ -404,6 +403,24 @@ def _report(operated: Operated, verb: str, listed: bool) -> None:
         click.echo(f"relay: {message_id}: no such message in the queue", err=True)
     if operated.missing:
         sys.exit(1)
+
+
+def attempt_path(attempt: Attempt) -> str:
+    """Where an attempt went: `via` the host that answered, or what happened instead."""
+    if attempt.host:
+        return f"via {attempt.host}"
+    reply = attempt.reply
+    if "delivery temporarily suspended" in reply:
+        return "not tried (destination down, probing)"
+    if reply.startswith("550 5.0.0 Message bounced by the postmaster"):
+        return "not tried (bounced by the operator)"
+    if "gave up: message too old" in reply or reply.startswith("451 4.4.7"):
+        return "not tried (queue.lifetime reached)"
+    if reply[4:9] in ("5.1.2", "4.4.3"):
+        return "no route"
+    if "refused" in reply:
+        return "connection refused"
+    return "no connection"
 
 
 def _operator_command(

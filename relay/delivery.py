@@ -246,7 +246,7 @@ class Scheduler:
         dest = self.destination(domain)
         if self.up.is_down(domain):
             # Suspended: the probe owns recovery. Push the due mail on by its backoff.
-            reply = self.up.get(domain).last_error or "421 4.4.1 destination down"
+            reply = suspended_reply(self.up.get(domain).last_error)
             await self._defer_many(items, reply, now, host="")
             return
         for message, recipients in items:
@@ -465,7 +465,7 @@ class Scheduler:
 
     async def _defer_queued(self, dest: Destination) -> None:
         """The destination went down: everything still waiting for it is deferred now."""
-        reply = self.up.get(dest.name).last_error or "421 4.4.1 destination down"
+        reply = suspended_reply(self.up.get(dest.name).last_error)
         items = []
         while not dest.queue.empty():
             items.append(dest.queue.get_nowait())
@@ -832,6 +832,20 @@ def _notify_allows(notify: str | None, event: str) -> bool:
     if notify is None:
         return event in ("FAILURE", "DELAY")
     return event in notify.split(",")
+
+
+SUSPENDED = "delivery temporarily suspended"
+
+
+def suspended_reply(last_error: str | None) -> str:
+    """A deferral decided without connecting, because the destination is down, in Postfix's
+    words: "421 4.4.1 delivery temporarily suspended: connection refused by …". `relay queue
+    show` can then tell it from an attempt that was really made."""
+    code, _, rest = (last_error or "421 4.4.1 destination down").partition(" ")
+    status, _, text = rest.partition(" ") if rest[:1].isdigit() else ("4.4.1", "", rest)
+    if not code.startswith("4"):
+        code, status = "421", "4.4.1"
+    return f"{code} {status} {SUSPENDED}: {text or 'destination down'}"
 
 
 def _expiry_reply(last_reply: str | None) -> str:

@@ -953,9 +953,9 @@ class IntakeHandler:
         if hops > config.smtp.max_hops:
             metrics.messages_rejected.labels("too_many_hops").inc()
             log.info(
-                "reject DATA from [%s]: %d hops",
+                "reject DATA from [%s]: %s",
                 session.client_ip,
-                hops,
+                plural(hops, "hop"),
                 extra=fields(event="rejected", client=session.client_ip, reason="too_many_hops"),
             )
             return Reply.TOO_MANY_HOPS

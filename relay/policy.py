@@ -135,7 +135,7 @@ class RecipientLists:
                     state.entries = _entries(handle.read().splitlines())
                 state.signature = signature
                 state.failing = False
-                log.info("recipients_file %s: %d entries", path, len(state.entries))
+                log.info("recipients_file %s: %s", path, plural(len(state.entries), "entry"))
         except OSError as exc:
             if not state.failing:
                 log.error("recipients_file %s: %s (keeping the last list)", path, exc)

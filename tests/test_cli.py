@@ -632,3 +632,31 @@ def test_after_a_drain_the_running_server_gives_the_space_back_and_status_shows_
     assert float(line.group(1)) > 10 and float(line.group(2)) < 1
     after = re.search(r"^queue \S+: ([\d.]+) MB", relay("status", config=config)[1], re.M)
     assert after is not None and float(after.group(1)) < 1
+
+
+def test_show_says_what_happened_to_attempts_that_reached_no_host(
+    config: Path, queue: Store, now: float
+) -> None:
+    """`via -` said nothing: an attempt without a host was not tried, found no route, or could
+    not connect, and `relay queue show` says which."""
+    replies = [
+        "421 4.4.1 delivery temporarily suspended: connection refused by mx1.example.test",
+        "451 4.4.3 example.test: DNS lookup failed (SERVFAIL)",
+        "421 4.4.1 connection refused by mx1.example.test[127.0.0.6]:25",
+        "421 4.4.1 no answer from 127.0.0.6:25 at connect",
+    ]
+    for reply in replies:
+        outcome = Outcome("a@example.test", QUEUED, reply, "", now + 600)
+        queue.transaction(lambda s, o=outcome: s.record("AAA", [o]))
+    code, out, _ = relay("queue", "show", "AAA", config=config)
+    assert code == 0
+    attempts = out.split("attempts:\n", 1)[1].splitlines()
+    assert [line.split("> ", 1)[1].split(":", 1)[0] for line in attempts] == [
+        "via mx1.example.test",
+        "via mx1.example.test",
+        "not tried (destination down, probing)",
+        "no route",
+        "connection refused",
+        "no connection",
+    ]
+    assert " via -" not in out

@@ -276,6 +276,15 @@ async def test_new_mail_wakes_the_scheduler_unless_its_destination_is_known_down
     scheduler.accepted(["example.test", "other.test"])  # one recipient may go elsewhere
     assert scheduler.wake.is_set()
 
+    # Mail found due while the destination is down is deferred without a connection, and
+    # says so in Postfix's words (relay queue show: "not tried").
+    second = await harness.put(["carol@example.test"])
+    await harness.run()
+    row = harness.rows().get(second)
+    assert row is not None
+    reply = row.recipients[0].last_reply or ""
+    assert reply.startswith("421 4.4.1 delivery temporarily suspended: connection refused")
+
 
 async def test_unreachable_primary_defers_and_the_probe_delivers_on_recovery(
     harness: Harness, fake_primary: Start
