@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from relay import sender_checks
 from relay.config import Config, DomainConfig, parse_hostport
 from relay.courier import SessionError, probe
 from relay.mx import NXDOMAIN, Hop, RouteError, Router, is_local_address
@@ -42,9 +43,10 @@ from relay.store import StorageError, Store
 from relay.words import plural
 
 OK = "ok"
+INFO = "info"  # nothing wrong seen; something to check by hand (port 25 from outside)
 WARNING = "warning"
 PROBLEM = "problem"
-STATUSES = (OK, WARNING, PROBLEM)
+STATUSES = (OK, INFO, WARNING, PROBLEM)
 
 EXPIRY_WARNING = 14 * 86400.0  # certbot renews 30 days ahead: 14 left means renewal is failing
 # RFC 8461 3.3: the policy lives at this URL, over HTTPS with a valid certificate.
@@ -63,7 +65,7 @@ class Finding:
     """One thing the doctor looked at: what it saw and, unless all is well, what to do."""
 
     status: str  # one of STATUSES
-    check: str  # "address", "tls", "mx", "primary", "recipients" or "mta-sts"
+    check: str  # "address", "rdns", "spf", "port25", "tls", "mx", "primary", "recipients", ...
     subject: str  # the host name, certificate file or domain it is about
     message: str
     fix: str = ""
@@ -110,6 +112,7 @@ async def diagnose(
     )
     groups = await asyncio.gather(
         check_address(context),
+        check_sending(context),
         asyncio.to_thread(check_tls, cfg, clock()),
         *(_check_domain(context, domain) for domain in cfg.domains),
     )
@@ -279,6 +282,104 @@ async def check_address(context: _Context) -> list[Finding]:
     return findings
 
 
+async def check_sending(context: _Context) -> list[Finding]:
+    """How receivers see the relay as a sender: reverse DNS, the SPF of our HELO name, and how
+    to check port 25 from outside (which no check from this machine can do).
+
+    Our public address is taken to be what `hostname` resolves to: on a VPS, the address we
+    receive on is the address we send from.
+    """
+    name = context.cfg.hostname
+    try:
+        addresses = await context.router.addresses(name)
+    except RouteError:
+        return []  # the address finding already says why
+    findings: list[Finding] = []
+    for address in addresses:
+        findings.append(await _reverse_finding(context, name, address))
+    findings += await _spf_findings(context, name, addresses)
+    if addresses:
+        where = addresses[0]
+        findings.append(
+            Finding(
+                INFO,
+                "port25",
+                name,
+                "whether port 25 is open to the internet cannot be seen from this machine",
+                f"from a machine on another network: swaks --server {where} --port 25"
+                f" --quit-after EHLO (or: nc -vz {where} 25); expect our banner"
+                f' "220 {name} ESMTP". Many VPS providers block port 25 until asked',
+            )
+        )
+    return findings
+
+
+async def _reverse_finding(context: _Context, name: str, address: str) -> Finding:
+    fix = f"ask the provider of {address} to set its PTR record to {name}"
+    try:
+        found = await sender_checks.reverse_dns(context.router, address)
+    except RouteError as exc:
+        return Finding(PROBLEM, "rdns", address, f"reverse DNS lookup failed: {exc}", _dns_fix())
+    if not found.names:
+        message = (
+            "no PTR record: receivers (the primary included) refuse or mark down mail from an"
+            " address without reverse DNS, our redeliveries and DSNs included"
+        )
+        return Finding(PROBLEM, "rdns", address, message, fix)
+    if not found.confirmed:
+        message = (
+            f"PTR {_list(found.names)} does not resolve back to {address}: forward-confirmed"
+            " reverse DNS fails, which receivers treat like no PTR at all"
+        )
+        return Finding(PROBLEM, "rdns", address, message, fix + f" and give {name} the A record")
+    if not any(name_matches(n, name) for n in found.confirmed):
+        message = (
+            f"PTR {found.confirmed[0]} resolves back to {address} (forward-confirmed), but is not"
+            f" our host name {name}: FCrDNS checks pass; receivers that compare the PTR with our"
+            " EHLO name (some spam filters) score us down"
+        )
+        return Finding(
+            WARNING, "rdns", address, message, fix + f", or set hostname to {found.confirmed[0]}"
+        )
+    return Finding(
+        OK, "rdns", address, f"PTR {name} resolves back to {address}: forward-confirmed, our name"
+    )
+
+
+async def _spf_findings(context: _Context, name: str, addresses: list[str]) -> list[Finding]:
+    publish = f'publish `{name}. IN TXT "v=spf1 a -all"` (our HELO name\'s own addresses)'
+    try:
+        record = await sender_checks.spf_record(context.router, name)
+        if record is None:
+            message = (
+                "no SPF record for our HELO name: our DSNs (MAIL FROM:<>, so SPF checks the HELO"
+                " name, RFC 7208 2.3) get SPF none, which strict receivers score as spam"
+            )
+            return [Finding(WARNING, "spf", name, message, publish)]
+        results = {a: await sender_checks.spf_check(context.router, name, a) for a in addresses}
+    except sender_checks.SpfPermError as exc:
+        return [Finding(PROBLEM, "spf", name, f"the SPF record is broken: {exc}", publish)]
+    except sender_checks.SpfUnsupported as exc:
+        message = f"SPF record {record!r} uses {exc}, which the doctor does not evaluate"
+        return [Finding(WARNING, "spf", name, message, "check it with an SPF validator")]
+    except RouteError as exc:
+        return [Finding(PROBLEM, "spf", name, f"SPF lookup failed: {exc}", _dns_fix())]
+    refused = {a: r for a, r in results.items() if r != "pass"}
+    if refused:
+        detail = ", ".join(f"{a}: {r}" for a, r in refused.items())
+        message = f"SPF of our HELO name does not permit our address ({detail}): our DSNs fail SPF"
+        return [
+            Finding(
+                PROBLEM,
+                "spf",
+                name,
+                message,
+                f"add `a` or `ip4:{next(iter(refused))}` to {record!r}",
+            )
+        ]
+    return [Finding(OK, "spf", name, f"SPF {record!r} permits {_list(addresses)}: our DSNs pass")]
+
+
 def _listens_on_any_port(cfg: Config, address: str) -> bool:
     router = Router(hostname=cfg.hostname, listen=cfg.smtp.listen)
     return any(router.listens_on(address, port) for _, port in cfg.smtp.listen)
@@ -336,7 +437,8 @@ def check_tls(cfg: Config, now: float) -> list[Finding]:
         ]
     findings = []
     names = certificate_names(cert)
-    if not any(name_matches(pattern, name) for pattern in names):
+    covered = any(name_matches(pattern, name) for pattern in names)
+    if not covered:
         findings.append(
             Finding(
                 PROBLEM,
@@ -346,8 +448,29 @@ def check_tls(cfg: Config, now: float) -> list[Finding]:
                 f"get a certificate whose subjectAltName includes {name}",
             )
         )
-    findings.append(_validity(path, cert, now))
+    validity = _validity(path, cert, now)
+    if self_signed(cert):
+        findings.append(
+            Finding(
+                WARNING,
+                "tls",
+                path,
+                "the certificate is self-signed: senders doing opportunistic TLS (most) accept"
+                " it, but MTA-STS senders in enforce mode do not deliver to us, and DANE senders"
+                " only with a matching TLSA record",
+                f"get a certificate for {name} from a public CA (e.g. certbot, docs/deploy.md),"
+                " or publish a TLSA 3 1 1 record for it",
+            )
+        )
+    elif covered or validity.status != OK:
+        # "valid until" says nothing good of a certificate for another name: only its dates.
+        findings.append(validity)
     return findings
+
+
+def self_signed(cert: dict[str, Any]) -> bool:
+    """Issued by itself: subject and issuer are the same name."""
+    return bool(cert.get("issuer")) and cert.get("issuer") == cert.get("subject")
 
 
 def _decode_cert(path: str) -> dict[str, Any]:
@@ -766,14 +889,17 @@ def report_text(findings: Sequence[Finding]) -> str:
     """One block per finding, its fix indented under it, and a count at the end."""
     lines = []
     for f in findings:
-        lines.append(f"{f.status:<8} {f.check:<8} {f.subject}: {f.message}")
+        lines.append(f"{f.status:<8} {f.check:<10} {f.subject}: {f.message}")
         if f.fix:
-            lines.append(f"{'':<17} fix: {f.fix}")
+            lines.append(f"{'':<19} {'how' if f.status == INFO else 'fix'}: {f.fix}")
     n = counts(findings)
-    plural = {OK: "ok", WARNING: "warning", PROBLEM: "problem"}
-    summary = ", ".join(
-        f"{n[s]} {plural[s]}{'s' if n[s] != 1 and s != OK else ''}" for s in STATUSES
-    )
+    words = {
+        OK: f"{n[OK]} ok",
+        INFO: f"{n[INFO]} to check by hand",
+        WARNING: plural(n[WARNING], "warning"),
+        PROBLEM: plural(n[PROBLEM], "problem"),
+    }
+    summary = ", ".join(words[s] for s in STATUSES)
     lines += ["", summary]
     return "\n".join(lines)
 

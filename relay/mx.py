@@ -30,8 +30,10 @@ import dns.nameserver
 import dns.rdata
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.PTR
 import dns.rdtypes.ANY.TXT
 import dns.resolver
+import dns.reversename
 
 from relay.config import parse_hostport
 
@@ -246,6 +248,26 @@ class Router:
             b"".join(rd.strings).decode("utf-8", "replace")
             for rd in records
             if isinstance(rd, dns.rdtypes.ANY.TXT.TXT)
+        ]
+
+    async def reverse_names(self, address: str) -> list[str]:
+        """The PTR names of an address, lower-case without the final dot; [] when none.
+
+        Raises RouteError when the DNS could not say.
+        """
+        try:
+            qname = dns.reversename.from_address(address).to_text()
+            records = await self._lookup(qname, "PTR")
+        except RouteError as exc:
+            if exc.kind == NXDOMAIN:
+                return []
+            raise
+        except (ValueError, dns.exception.SyntaxError):
+            return []
+        return [
+            rd.target.to_text(omit_final_dot=True).lower()
+            for rd in records
+            if isinstance(rd, dns.rdtypes.ANY.PTR.PTR)
         ]
 
     def is_our_name(self, host: str) -> bool:

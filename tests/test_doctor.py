@@ -23,10 +23,23 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from relay import doctor
 from relay.config import Config
-from relay.doctor import OK, PROBLEM, WARNING, Finding, diagnose, name_matches, parse_policy
+from relay.doctor import (
+    INFO,
+    OK,
+    PROBLEM,
+    WARNING,
+    Finding,
+    diagnose,
+    name_matches,
+    parse_policy,
+)
 from relay.mx import RouteError, Router
 from relay.store import Store
 from tests.conftest import make_config, relay_command, relay_env, run_relay, write_config
@@ -40,6 +53,7 @@ ME = "relay.test"
 OUR_ADDRESS = "127.0.0.5"
 PRIMARY = "mx1.example.test"
 PRIMARY_ADDRESS = "127.0.0.2"
+REVERSE = "5.0.0.127.in-addr.arpa"  # OUR_ADDRESS's PTR name
 NOT_HERE = "192.0.2.7"  # TEST-NET-1: never an address of this machine
 # A certificate valid through the first quarter of 2030, and clocks to judge it by.
 NOT_BEFORE = datetime(2030, 1, 1, tzinfo=UTC)
@@ -163,7 +177,8 @@ async def deployment(
     primary = await fake_primary(address=PRIMARY_ADDRESS, hostname=PRIMARY)
     dns_server.set(DOMAIN, [("MX", f"10 {PRIMARY}."), ("MX", f"20 {ME}.")])
     dns_server.set(PRIMARY, [("A", PRIMARY_ADDRESS)])
-    dns_server.set(ME, [("A", OUR_ADDRESS)])
+    dns_server.set(ME, [("A", OUR_ADDRESS), ("TXT", '"v=spf1 a -all"')])
+    dns_server.set(REVERSE, [("PTR", f"{ME}.")])
     deploy = Deployment(tmp_path, dns_server, primary, policy_server)
     deploy.certificate(ME)
     return deploy
@@ -190,6 +205,9 @@ async def test_a_correct_deployment_is_all_ok_and_exits_0(deployment: Deployment
 
     assert [(f.check, f.status) for f in findings] == [
         ("address", OK),
+        ("rdns", OK),
+        ("spf", OK),
+        ("port25", INFO),
         ("tls", OK),
         ("mx", OK),
         ("primary", OK),
@@ -201,7 +219,7 @@ async def test_a_correct_deployment_is_all_ok_and_exits_0(deployment: Deployment
     assert deployment.primary.commands == [f"EHLO {ME}", "QUIT"]
     assert deployment.policies.requests == [f"/{DOMAIN}/.well-known/mta-sts.txt"]
     text = doctor.report_text(findings)
-    assert text.endswith("5 ok, 0 warnings, 0 problems")
+    assert text.endswith("7 ok, 1 to check by hand, 0 warnings, 0 problems")
     assert "fix:" not in text
 
 
@@ -216,9 +234,9 @@ async def test_every_problem_comes_with_a_fix_and_makes_the_exit_status_1(
     assert doctor.exit_code(findings) == 1
     assert all(f.fix for f in findings if f.status != OK)
     text = doctor.report_text(findings)
-    assert f"problem  mx       {DOMAIN}: MX 10 {PRIMARY}: no MX record names {ME}" in text
+    assert f"problem  mx         {DOMAIN}: MX 10 {PRIMARY}: no MX record names {ME}" in text
     assert f"fix: publish `{DOMAIN}. IN MX 20 {ME}.`" in text
-    assert text.endswith("3 ok, 1 warning, 1 problem")
+    assert text.endswith("5 ok, 1 to check by hand, 1 warning, 1 problem")
 
 
 # -- MX records -------------------------------------------------------------------------------
@@ -527,20 +545,59 @@ async def test_no_certificate_is_a_warning(deployment: Deployment) -> None:
 async def test_a_certificate_for_another_name_is_a_problem(deployment: Deployment) -> None:
     deployment.certificate("other.test", "mail.relay.test")
 
-    [(status, message), validity] = only(await deployment.findings(), "tls")
+    [(status, message)] = only(await deployment.findings(), "tls")
 
     assert status == PROBLEM
     assert message == f"the certificate does not cover {ME}: it names other.test, mail.relay.test"
-    assert validity[0] == OK
+    # No "ok: covers our host name" beside it (issue 18): the doctor never contradicts itself.
+
+
+async def test_an_expired_certificate_for_another_name_says_both(deployment: Deployment) -> None:
+    deployment.certificate("other.test", not_after=datetime(2030, 1, 1, tzinfo=UTC))
+    deployment.clock = datetime(2030, 6, 1, tzinfo=UTC).timestamp()
+    findings = only(await deployment.findings(), "tls")
+    assert [status for status, _ in findings] == [PROBLEM, PROBLEM]
+    assert findings[1][1].startswith("the certificate expired on 2030-01-01")
+
+
+async def test_a_self_signed_certificate_is_a_warning_that_names_who_refuses_it(
+    deployment: Deployment,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ME)])
+    now = datetime.fromtimestamp(deployment.clock, UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=90))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(ME)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = deployment.tmp_path / "self.pem", deployment.tmp_path / "self.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    deployment.overrides["tls"] = {"cert": str(cert_path), "key": str(key_path)}
+
+    [(status, message)] = only(await deployment.findings(), "tls")
+    assert status == WARNING
+    assert message.startswith("the certificate is self-signed: senders doing opportunistic TLS")
+    assert "MTA-STS senders in enforce mode do not deliver to us" in message
 
 
 async def test_a_wildcard_certificate_covers_one_label(deployment: Deployment) -> None:
     deployment.certificate("*.example.test")
     assert status_of(await deployment.findings(hostname="mx2.example.test"), "tls") == [OK]
-    assert status_of(await deployment.findings(hostname="a.mx2.example.test"), "tls") == [
-        PROBLEM,
-        OK,
-    ]
+    assert status_of(await deployment.findings(hostname="a.mx2.example.test"), "tls") == [PROBLEM]
 
 
 async def test_a_certificate_expiring_within_14_days_is_a_warning(deployment: Deployment) -> None:
@@ -713,6 +770,60 @@ async def test_the_router_reports_records_as_published(dns_server: DnsServer) ->
     assert router.listens_on("127.0.0.9", 25) and not router.listens_on("127.0.0.9", 26)
 
 
+# -- the relay as a sender: reverse DNS and SPF ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("records", "status", "start"),
+    [
+        ([], PROBLEM, "no PTR record: receivers"),
+        ([("PTR", "nowhere.test.")], PROBLEM, "PTR nowhere.test does not resolve back"),
+        ([("PTR", "vps-127-0-0-5.example.test.")], WARNING, "PTR vps-127-0-0-5.example.test"),
+        ([("PTR", f"{ME}.")], OK, f"PTR {ME} resolves back to {OUR_ADDRESS}"),
+    ],
+)
+async def test_reverse_dns_must_confirm_forward_and_should_name_us(
+    deployment: Deployment, records: list[tuple[str, str]], status: str, start: str
+) -> None:
+    deployment.dns.set(REVERSE, records)
+    deployment.dns.set("vps-127-0-0-5.example.test", [("A", OUR_ADDRESS)])
+    [(found, message)] = only(await deployment.findings(), "rdns")
+    assert (found, message[: len(start)]) == (status, start)
+
+
+@pytest.mark.parametrize(
+    ("spf", "status", "part"),
+    [
+        (None, WARNING, "no SPF record for our HELO name"),
+        ('"v=spf1 ip4:192.0.2.0/24 -all"', PROBLEM, f"({OUR_ADDRESS}: fail)"),
+        ('"v=spf1 ~all"', PROBLEM, f"({OUR_ADDRESS}: softfail)"),
+        ('"v=spf1 ip4:127.0.0.0/8 -all"', OK, "permits 127.0.0.5"),
+        ('"v=spf1 include:_spf.example.test -all"', OK, "permits 127.0.0.5"),
+        ('"v=spf1 redirect=_spf.example.test"', OK, "permits 127.0.0.5"),
+        ('"v=spf1 mx:primary-only.test -all"', PROBLEM, "fail"),  # its MX is not us
+        ('"v=spf1 mx:example.test -all"', OK, "permits"),  # we are MX 20 of example.test
+        ('"v=spf1 exists:%{i}.spf.test -all"', WARNING, "which the doctor does not evaluate"),
+        ('"v=spf1 include:missing.test -all"', PROBLEM, "include:missing.test has no SPF"),
+    ],
+)
+async def test_the_spf_of_our_helo_name_must_permit_our_address(
+    deployment: Deployment, spf: str | None, status: str, part: str
+) -> None:
+    """Our DSNs have MAIL FROM:<>, so receivers check the SPF of our HELO name (RFC 7208 2.3)."""
+    deployment.dns.set(ME, [("A", OUR_ADDRESS)] + ([("TXT", spf)] if spf else []))
+    deployment.dns.set("_spf.example.test", [("TXT", '"v=spf1 ip4:127.0.0.5 -all"')])
+    deployment.dns.set("primary-only.test", [("MX", f"10 {PRIMARY}.")])
+    [(found, message)] = only(await deployment.findings(), "spf")
+    assert found == status and part in message, message
+
+
+async def test_two_spf_records_are_a_permerror(deployment: Deployment) -> None:
+    two = [("A", OUR_ADDRESS), ("TXT", '"v=spf1 a -all"'), ("TXT", '"v=spf1 -all"')]
+    deployment.dns.set(ME, two)
+    [(found, message)] = only(await deployment.findings(), "spf")
+    assert found == PROBLEM and "2 SPF records" in message
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -727,9 +838,10 @@ async def test_the_command_prints_findings_with_fixes_and_exits_1_on_a_problem(
 
     out = result.stdout.decode()
     assert result.returncode == 1, result.stderr
-    assert f"problem  mx       {DOMAIN}: MX 10 {ME}: nothing is preferred" in out
-    assert "\n                  fix: give the primary a lower number" in out
-    assert out.rstrip().endswith("2 ok, 1 warning, 2 problems")
+    assert f"problem  mx         {DOMAIN}: MX 10 {ME}: nothing is preferred" in out
+    assert "\n                    fix: give the primary a lower number" in out
+    assert out.rstrip().endswith("4 ok, 1 to check by hand, 1 warning, 2 problems")
+    assert "\n                    how: from a machine on another network: swaks --server" in out
 
 
 async def test_the_command_prints_json_and_exits_0_when_all_is_well(
@@ -741,7 +853,7 @@ async def test_the_command_prints_json_and_exits_0_when_all_is_well(
 
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert (report["ok"], report["warning"], report["problem"]) == (5, 0, 0)
+    assert (report["ok"], report["info"], report["warning"], report["problem"]) == (7, 1, 0, 0)
     assert report["findings"][0] == {
         "status": "ok",
         "check": "address",
