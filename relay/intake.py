@@ -488,44 +488,37 @@ class RelaySMTP(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
+        await self._answer(await self._mail(arg))
+
+    async def _mail(self, arg: str | None) -> str:
         if not self.relay_session().host_name:
-            await self.push(Reply.NEED_HELO)
-            return
+            return Reply.NEED_HELO
         if self.relay_envelope().mail_from is not None:
-            await self.push(Reply.NESTED_MAIL)
-            return
+            return Reply.NESTED_MAIL
         # A fresh envelope: parameters of an earlier MAIL that was refused (SMTPUTF8, RET,
         # ENVID, BODY) must not carry over into this transaction.
         self._reset_state()
         envelope = self.relay_envelope()
         rest = self._strip_command_keyword("FROM:", arg or "")
         if not rest:
-            await self.push(Reply.MAIL_SYNTAX)
-            return
+            return Reply.MAIL_SYNTAX
         address, param_text = self._getaddr(rest)
         if address is None:
-            await self.push(Reply.BAD_ADDRESS)
-            return
+            return Reply.BAD_ADDRESS
         params = _params(param_text or "")
         if params is None or (params and not self.relay_session().extended_smtp):
-            await self.push(Reply.MAIL_SYNTAX)
-            return
+            return Reply.MAIL_SYNTAX
         if (problem := self._take_mail_params(params, envelope)) is not None:
-            await self.push(problem)
-            return
+            return problem
         sender = "" if address == "<>" else address
         if not _valid_utf8(sender):
-            await self.push(Reply.BAD_ADDRESS)
-            return
+            return Reply.BAD_ADDRESS
         if not envelope.smtp_utf8 and not sender.isascii():
-            await self.push(Reply.SMTPUTF8_NEEDED)
-            return
+            return Reply.SMTPUTF8_NEEDED
         reply = await self.relay_handler.mail(self.relay_session(), envelope, sender)
         if reply.startswith("2"):
             envelope.mail_from = sender
-        await self.push(reply)
-        if reply.startswith("421"):
-            self._close()
+        return reply
 
     def _take_mail_params(
         self, params: dict[str, str | None], envelope: RelayEnvelope
@@ -559,52 +552,52 @@ class RelaySMTP(SMTP):
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        if not self.relay_session().host_name:
-            await self.push(Reply.NEED_HELO)
-            return
-        envelope = self.relay_envelope()
-        if envelope.mail_from is None:
-            await self.push(Reply.NEED_MAIL)
-            return
-        rest = self._strip_command_keyword("TO:", arg or "")
-        if not rest:
-            await self.push(Reply.RCPT_SYNTAX)
-            return
-        address, param_text = self._getaddr(rest)
-        if not address or address == "<>" or not _valid_utf8(address):
-            await self.push(Reply.BAD_ADDRESS)
-            return
-        params = _params(param_text or "")
-        if params is None or (params and not self.relay_session().extended_smtp):
-            await self.push(Reply.RCPT_SYNTAX)
-            return
-        notify, orcpt = params.pop("NOTIFY", None), params.pop("ORCPT", None)
-        if params:
-            await self.push(Reply.BAD_PARAMETER.format(name=next(iter(params))))
-            return
-        if notify is not None:
-            values = {v.upper() for v in notify.split(",")}
-            if not (values == {"NEVER"} or (values and values <= _NOTIFY_VALUES)):
-                await self.push(Reply.BAD_PARAMETER_VALUE.format(name="NOTIFY"))
-                return
-            notify = ",".join(sorted(values))
-        if orcpt is not None and (";" not in orcpt or not _XTEXT.match(orcpt)):
-            await self.push(Reply.BAD_PARAMETER_VALUE.format(name="ORCPT"))
-            return
-        if not envelope.smtp_utf8 and not address.isascii():
-            await self.push(Reply.SMTPUTF8_NEEDED)
-            return
-        recipient = NewRecipient(address, notify=notify, orcpt=orcpt)
-        reply = await self.relay_handler.rcpt(self.relay_session(), envelope, recipient)
-        recipient = self.relay_handler.delivered_as(recipient)
-        address = recipient.address
-        duplicate = any(r.address.lower() == address.lower() for r in envelope.recipients)
-        if reply.startswith("2") and not duplicate:  # a repeated RCPT is delivered once
-            envelope.recipients.append(recipient)
-            envelope.rcpt_tos.append(address)
+        await self._answer(await self._rcpt(arg))
+
+    async def _answer(self, reply: str) -> None:
+        """Writes a verb's reply; a 421 also ends the session (RFC 5321 3.8)."""
         await self.push(reply)
         if reply.startswith("421"):
             self._close()
+
+    async def _rcpt(self, arg: str | None) -> str:
+        """RCPT as a sequence of checks, each a reply or nothing; the handler decides last."""
+        envelope = self.relay_envelope()
+        if not self.relay_session().host_name:
+            return Reply.NEED_HELO
+        if envelope.mail_from is None:
+            return Reply.NEED_MAIL
+        parsed = self._parse_rcpt(arg or "")
+        if isinstance(parsed, str):
+            return parsed
+        if not envelope.smtp_utf8 and not parsed.address.isascii():
+            return Reply.SMTPUTF8_NEEDED
+        reply = await self.relay_handler.rcpt(self.relay_session(), envelope, parsed)
+        if reply.startswith("2"):
+            _add_recipient(envelope, self.relay_handler.delivered_as(parsed))
+        return reply
+
+    def _parse_rcpt(self, arg: str) -> NewRecipient | str:
+        """The recipient and its DSN parameters (RFC 3461 4), or the syntax error's reply."""
+        rest = self._strip_command_keyword("TO:", arg)
+        if not rest:
+            return Reply.RCPT_SYNTAX
+        address, param_text = self._getaddr(rest)
+        if not address or address == "<>" or not _valid_utf8(address):
+            return Reply.BAD_ADDRESS
+        params = _params(param_text or "")
+        if params is None or (params and not self.relay_session().extended_smtp):
+            return Reply.RCPT_SYNTAX
+        notify, orcpt = params.pop("NOTIFY", None), params.pop("ORCPT", None)
+        if params:
+            return Reply.BAD_PARAMETER.format(name=next(iter(params)))
+        if notify is not None:
+            notify = _notify_value(notify)
+            if notify is None:
+                return Reply.BAD_PARAMETER_VALUE.format(name="NOTIFY")
+        if orcpt is not None and (";" not in orcpt or not _XTEXT.match(orcpt)):
+            return Reply.BAD_PARAMETER_VALUE.format(name="ORCPT")
+        return NewRecipient(address, notify=notify, orcpt=orcpt)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -763,6 +756,22 @@ def count_received(content: bytes) -> int:
     end = content.find(b"\r\n\r\n")
     header = content if end < 0 else content[: end + 2]
     return len(_RECEIVED.findall(header))
+
+
+def _notify_value(text: str) -> str | None:
+    """NOTIFY=NEVER, or a set of SUCCESS, FAILURE, DELAY (RFC 3461 4.1); None when invalid."""
+    values = {v.upper() for v in text.split(",")}
+    if values == {"NEVER"} or (values and values <= _NOTIFY_VALUES):
+        return ",".join(sorted(values))
+    return None
+
+
+def _add_recipient(envelope: RelayEnvelope, recipient: NewRecipient) -> None:
+    """A repeated RCPT (same address, any case) is delivered once."""
+    address = recipient.address.lower()
+    if not any(r.address.lower() == address for r in envelope.recipients):
+        envelope.recipients.append(recipient)
+        envelope.rcpt_tos.append(recipient.address)
 
 
 def etrn_domains(config: Config, node: str) -> list[str]:
