@@ -22,15 +22,24 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Protocol
 
-from relay import dsn, metrics
+from relay import metrics
 from relay.config import Config
 from relay.courier import Outgoing, OutgoingRecipient, Reply, Session, SessionError
 from relay.health import DestinationHealth
 from relay.logs import fields
 from relay.mx import Hop, RouteError, Router
+from relay.outcomes import (
+    OPERATOR_BOUNCE,
+    backoff,
+    expiry_reply,
+    log_outcomes,
+    notices,
+    outcome_for,
+    plan,
+    suspended_reply,
+)
 from relay.store import (
     DELIVERED,
     FAILED,
@@ -39,41 +48,20 @@ from relay.store import (
     AsyncStore,
     MessageRow,
     NewMessage,
-    NewRecipient,
     Outcome,
     RecipientRow,
     StorageError,
     Store,
-    new_queue_id,
 )
 from relay.words import plural
 
 log = logging.getLogger("relay.delivery")
 
-OPERATOR_BOUNCE = "550 5.0.0 Message bounced by the postmaster"
 ROUTE_CACHE_SECONDS = 30.0
 REFILL_AT = 200  # messages still waiting for a destination's sessions when the next are fetched
 RAMP_START = 2  # sessions to a destination that just came back
 RAMP_STEP = 10  # 2xx replies in a row that earn one more session
 DOWN_AFTER_4XX = 5
-# Recipient state → (relay_deliveries_total result label, log status word, as Postfix says it).
-_REPORTED = {
-    DELIVERED: ("delivered", "sent"),
-    FAILED: ("bounced", "bounced"),
-    QUEUED: ("deferred", "deferred"),
-}  # consecutive 4xx replies that mean "down again"
-
-
-def backoff(attempts: int, minimum: float, maximum: float, rng: random.Random) -> float:
-    """Seconds until the next try after `attempts` failed tries: exponential, jittered, capped.
-
-    The delay doubles from `minimum` with each attempt (computed in floats, then capped, so it
-    never silently stops growing) and is jittered by up to -20 % so that mail deferred together
-    does not come back together.
-    """
-    exponent = min(max(attempts - 1, 0), 60)
-    delay = min(maximum, minimum * (2.0**exponent))
-    return max(minimum, delay * rng.uniform(0.8, 1.0))
 
 
 class Connector(Protocol):
@@ -233,9 +221,7 @@ class Scheduler:
             )
             await self.store.run(lambda s: s.set_state(message.id, HELD))
             return True
-        outcomes = [
-            Outcome(r.address, FAILED, _expiry_reply(r.last_reply)) for r in message.pending
-        ]
+        outcomes = [Outcome(r.address, FAILED, expiry_reply(r.last_reply)) for r in message.pending]
         log.info("%s: lifetime exceeded, bouncing", message.id)
         await self._finish(message, outcomes, now)
         return True
@@ -404,12 +390,10 @@ class Scheduler:
         await self._finish(message, outcomes, now, body=body)
 
     def _outcome(self, recipient: RecipientRow, reply: Reply, now: float, host: str) -> Outcome:
-        text = str(reply)
-        if 200 <= reply.code < 300:
-            return Outcome(recipient.address, DELIVERED, text, host)
-        if reply.permanent:
-            return Outcome(recipient.address, FAILED, text, host)
-        return Outcome(recipient.address, QUEUED, text, host, self._retry_at(recipient, now))
+        retry_at = self._retry_at(recipient, now)
+        return outcome_for(
+            recipient.address, reply.code, reply.permanent, str(reply), host, retry_at
+        )
 
     def _observe(self, dest: Destination, replies: Sequence[Reply], now: float) -> None:
         """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
@@ -579,43 +563,39 @@ class Scheduler:
         """Records outcomes and any DSN they call for, in one transaction."""
         if not batch:
             return
-        plans = []
-        for message, outcomes, body in batch:
-            failed = [o for o in outcomes if o.state == FAILED]
-            deferred = [o for o in outcomes if o.state == QUEUED]
-            warn = self._needs_delay_warning(message, deferred, now)
-            plans.append((message, outcomes, body, failed, deferred, warn))
-        missing = [p[0].id for p in plans if (p[3] or p[5]) and p[2] is None]
+        plans = [
+            plan(self.config, message, outcomes, body, now) for message, outcomes, body in batch
+        ]
+        missing = [p.message.id for p in plans if p.needs_body]
         bodies: dict[str, bytes | None] = {}
         if missing:
             bodies = await self.store.run(lambda s: {i: s.body(i) for i in missing})
-        notices: list[NewMessage] = []
-        warned: list[str] = []
-        for message, _, body, failed, deferred, warn in plans:
-            data = body if body is not None else bodies.get(message.id)
-            notices += self._notices(message, failed, deferred if warn else [], data or b"", now)
-            if warn:
-                warned.append(message.id)
+        owed: list[NewMessage] = []
+        for p in plans:
+            data = p.body if p.body is not None else bodies.get(p.message.id)
+            delayed = p.deferred if p.warn else []
+            owed += notices(self.config, p.message, p.failed, delayed, data or b"", now)
+        warned = [p.message.id for p in plans if p.warn]
 
         def write(store: Store) -> list[bool]:
-            for notice in notices:
+            for notice in owed:
                 store.insert(notice)
             for message_id in warned:
                 store.mark_warned(message_id)
-            return [store.record(message.id, outcomes) for message, outcomes, *_ in plans]
+            return [store.record(p.message.id, p.outcomes) for p in plans]
 
         def after(done: list[bool]) -> None:
-            for (message, outcomes, *_), removed in zip(plans, done, strict=True):
-                self._log_outcomes(message, outcomes, removed, now)
-            if notices:
-                metrics.bounces.inc(len(notices))
+            for p, removed in zip(plans, done, strict=True):
+                log_outcomes(p.message, p.outcomes, removed, now)
+            if owed:
+                metrics.bounces.inc(len(owed))
                 self.wake.set()
 
-        pending = _Unrecorded(write, after, tuple(p[0].id for p in plans))
+        pending = _Unrecorded(write, after, tuple(p.message.id for p in plans))
         try:
             done = await self.store.run(write)
         except StorageError as exc:
-            if notices or warned or any(o.state != QUEUED for p in plans for o in p[1]):
+            if owed or not all(p.sends_nothing for p in plans):
                 self._keep_unrecorded(pending, exc)
             else:
                 # Only deferrals: nothing was sent and no DSN made, so losing the write costs
@@ -651,155 +631,6 @@ class Scheduler:
                 log.info("queue writable again: pending outcomes recorded, delivery resumes")
         return True
 
-    @staticmethod
-    def _log_outcomes(
-        message: MessageRow, outcomes: Sequence[Outcome], removed: bool, now: float
-    ) -> None:
-        """One line per recipient, in Postfix's words: delay since arrival, dsn, status."""
-        delay = round(max(0.0, now - message.received_at), 2)
-        for outcome in outcomes:
-            result, status = _REPORTED[outcome.state]
-            metrics.deliveries.labels(_domain(outcome.address), result).inc()
-            code = outcome.reply[:3]
-            detail = dsn.status_from_reply(int(code) if code.isdigit() else 0, outcome.reply[4:])
-            log.info(
-                "%s: to=<%s> relay=%s delay=%s dsn=%s status=%s (%s)",
-                message.id,
-                outcome.address,
-                outcome.host or "none",
-                _delay_text(delay),
-                detail,
-                status,
-                outcome.reply,
-                extra=fields(
-                    queue_id=message.id,
-                    event=status,
-                    from_=message.sender,
-                    to=outcome.address,
-                    relay=outcome.host or None,
-                    delay=delay,
-                    dsn=detail,
-                    status=status,
-                    reason=outcome.reply,
-                ),
-            )
-        if removed:
-            log.info("%s: removed", message.id, extra=fields(queue_id=message.id, event="removed"))
-
-    def _needs_delay_warning(
-        self, message: MessageRow, deferred: Sequence[Outcome], now: float
-    ) -> bool:
-        warn_after = self.config.retry.warn_after
-        return bool(
-            warn_after is not None
-            and deferred
-            and not message.warned
-            and message.sender
-            and now - message.received_at >= warn_after
-        )
-
-    def _notices(
-        self,
-        message: MessageRow,
-        failed: Sequence[Outcome],
-        delayed: Sequence[Outcome],
-        body: bytes,
-        now: float,
-    ) -> list[NewMessage]:
-        by_address = {r.address: r for r in message.recipients}
-        notices = []
-        for action, outcomes, wanted in (
-            ("failed", failed, "FAILURE"),
-            ("delayed", delayed, "DELAY"),
-        ):
-            reports = [
-                self._report(by_address[o.address], o, action, now)
-                for o in outcomes
-                if _notify_allows(by_address[o.address].notify, wanted)
-            ]
-            if not reports:
-                continue
-            if not message.sender:
-                # RFC 5321 4.5.5 / RFC 3464: never a DSN to the null reverse-path. A failed
-                # bounce is a double bounce: the postmaster hears of it, once (never of a
-                # failed double bounce, which would loop).
-                metrics.bounces_suppressed.inc()
-                log.info("%s: %s, no DSN to the null sender", message.id, action)
-                postmaster = self.config.postmaster
-                to_postmaster = any(r.address == postmaster for r in reports)
-                if action == "failed" and postmaster and not to_postmaster:
-                    notice = self._dsn_message(message, reports, body, now, to=(postmaster,))
-                    log.info("%s: double bounce %s to <%s>", message.id, notice.id, postmaster)
-                    notices.append(notice)
-                continue
-            notices.append(self._dsn_message(message, reports, body, now))
-        return notices
-
-    def _report(
-        self, recipient: RecipientRow, outcome: Outcome, action: str, now: float
-    ) -> dsn.RecipientReport:
-        code, _, text = outcome.reply.partition(" ")
-        code_number = int(code) if code.isdigit() else (500 if action == "failed" else 400)
-        return dsn.RecipientReport(
-            address=recipient.address,
-            original_recipient=recipient.orcpt,
-            action=action,
-            status=dsn.status_from_reply(code_number, text),
-            diagnostic=outcome.reply,
-            remote_mta=outcome.host or None,
-            last_attempt=datetime.fromtimestamp(now, UTC),
-        )
-
-    def _dsn_message(
-        self,
-        message: MessageRow,
-        reports: list[dsn.RecipientReport],
-        body: bytes,
-        now: float,
-        to: Sequence[str] = (),
-    ) -> NewMessage:
-        """The DSN to the sender (or to `to`); an operator bounce also copies the postmaster,
-        who then sees what was bounced by hand, as Postfix's notify_classes = bounce does."""
-        hostname = self.config.hostname
-        postmaster = self.config.postmaster
-        queue_id = new_queue_id(now)
-        recipients = list(to) or [message.sender]
-        by_operator = any(r.diagnostic == OPERATOR_BOUNCE for r in reports)
-        if by_operator and postmaster and postmaster not in recipients:
-            recipients.append(postmaster)
-        data = dsn.build_dsn(
-            reporting_mta=hostname,
-            original_sender=message.sender,
-            original_message=body,
-            reports=reports,
-            arrival=datetime.fromtimestamp(message.received_at, UTC),
-            now=datetime.fromtimestamp(now, UTC),
-            envid=message.envid,
-            ret=message.ret,
-            message_id=f"<{queue_id}@{hostname}>",
-            postmaster=postmaster,
-            to=recipients[0],
-        )
-        if not to:
-            log.info(
-                "%s: sender DSN %s to <%s>",
-                message.id,
-                queue_id,
-                message.sender,
-                extra=fields(queue_id=message.id, event="dsn", to=message.sender),
-            )
-        if len(recipients) > 1:
-            log.info("%s: copy of the operator bounce %s to <%s>", message.id, queue_id, postmaster)
-        return NewMessage(
-            id=queue_id,
-            sender="",
-            recipients=tuple(NewRecipient(address) for address in recipients),
-            body=data,
-            received_at=now,
-            smtputf8=not all(address.isascii() for address in recipients),
-            eightbit=not data.isascii(),
-        )
-
 
 @dataclass(frozen=True)
 class _Unrecorded:
@@ -816,40 +647,3 @@ class _RouteFailed(Exception):
     def __init__(self, reason: RouteError | SessionError) -> None:
         super().__init__(str(reason))
         self.reason = reason
-
-
-def _delay_text(seconds: float) -> str:
-    """Postfix's way: `delay=0.19` under ten seconds, whole seconds above (`delay=3602`)."""
-    return f"{seconds:.2f}".rstrip("0").rstrip(".") if seconds < 10 else str(int(seconds))
-
-
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
-def _notify_allows(notify: str | None, event: str) -> bool:
-    """RFC 3461 4.1: no NOTIFY means FAILURE (and, at our discretion, DELAY); NEVER means none."""
-    if notify is None:
-        return event in ("FAILURE", "DELAY")
-    return event in notify.split(",")
-
-
-SUSPENDED = "delivery temporarily suspended"
-
-
-def suspended_reply(last_error: str | None) -> str:
-    """A deferral decided without connecting, because the destination is down, in Postfix's
-    words: "421 4.4.1 delivery temporarily suspended: connection refused by …". `relay queue
-    show` can then tell it from an attempt that was really made."""
-    code, _, rest = (last_error or "421 4.4.1 destination down").partition(" ")
-    status, _, text = rest.partition(" ") if rest[:1].isdigit() else ("4.4.1", "", rest)
-    if not code.startswith("4"):
-        code, status = "421", "4.4.1"
-    return f"{code} {status} {SUSPENDED}: {text or 'destination down'}"
-
-
-def _expiry_reply(last_reply: str | None) -> str:
-    """The bounce reason for mail that outlived queue.lifetime: the last error we saw."""
-    if last_reply and last_reply[:1] in "45":
-        return f"{last_reply} (gave up: message too old)"
-    return "451 4.4.7 Delivery time expired"
