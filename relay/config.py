@@ -12,8 +12,8 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -450,6 +450,45 @@ def _check_queue_dir(source: str, path: str, problems: list[str]) -> None:
     elif not os.access(probe, os.W_OK | os.X_OK):
         what = "is not writable" if probe == directory else f"cannot be created under {probe}"
         problems.append(f"{source}: queue.path: directory {directory} {what}")
+
+
+# Keys a running server cannot take up on SIGHUP: its sockets, its queue file, its log set-up
+# and its pool of delivery sessions are made once, at start. Every other key applies on reload
+# (docs/operations.md, "What SIGHUP applies").
+NEEDS_RESTART = (
+    "smtp.listen",
+    "queue.path",
+    "metrics.listen",
+    "log.format",
+    "delivery.concurrency",
+)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configurations ("domain" for domains)."""
+    changed = [] if old.hostname == new.hostname else ["hostname"]
+    if old.postmaster != new.postmaster:
+        changed.append("postmaster")
+    for section in ("smtp", "tls", "queue", "delivery", "retry", "metrics", "dns", "log"):
+        before, after = getattr(old, section), getattr(new, section)
+        changed += [
+            f"{section}.{f.name}"
+            for f in fields(before)
+            if getattr(before, f.name) != getattr(after, f.name)
+        ]
+    if old.domains != new.domains:
+        changed.append("domain")
+    return changed
+
+
+def keep_running(old: Config, new: Config, keys: Sequence[str]) -> Config:
+    """`new` with the running values of `keys` (those NEEDS_RESTART): what the server runs on."""
+    for key in keys:
+        section, _, name = key.partition(".")
+        running = getattr(old, section)
+        kept = replace(getattr(new, section), **{name: getattr(running, name)})
+        new = replace(new, **{section: kept})
+    return new
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:

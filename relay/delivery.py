@@ -488,6 +488,10 @@ class Scheduler:
             log.info("%s: primary answers again; %s due now", domain, due)
         self.wake.set()
 
+    def forget_routes(self) -> None:
+        """The router changed (SIGHUP): routes looked up with the old one are not reused."""
+        self._routes.clear()
+
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
         now = self.clock()

@@ -196,13 +196,7 @@ class Relay:
 
     def _start_delivery(self) -> None:
         """Starts after the listeners, so the router knows every (address, port) that is us."""
-        cfg = self.config
-        router = Router(
-            hostname=cfg.hostname,
-            listen=self.smtp_addresses,
-            nameservers=cfg.dns.nameservers,
-            mx_port=cfg.delivery.mx_port,
-        )
+        router = self._router()
         self.scheduler = Scheduler(
             store=self.store,
             get_config=lambda: self.config,
@@ -241,6 +235,15 @@ class Relay:
             ticks += 1
             await asyncio.sleep(interval)
 
+    def _router(self) -> Router:
+        cfg = self.config
+        return Router(
+            hostname=cfg.hostname,
+            listen=self.smtp_addresses,
+            nameservers=cfg.dns.nameservers,
+            mx_port=cfg.delivery.mx_port,
+        )
+
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:
         found = []
@@ -258,11 +261,20 @@ class Relay:
             for problem in exc.problems:
                 log.error("reload refused: %s", problem)
             return
-        if new.smtp.listen != self.config.smtp.listen or new.queue.path != self.config.queue.path:
-            log.warning("reload: smtp.listen and queue.path changes need a restart")
+        changed = config_module.changed_keys(self.config, new)
+        pending = [key for key in changed if key in config_module.NEEDS_RESTART]
+        if pending:
+            log.warning("reload: %s changed: restart relay to apply", ", ".join(pending))
+            new = config_module.keep_running(self.config, new, pending)
         self.config = new
         self._export_settings()
         self.policy.reload()
+        if self.scheduler is not None:
+            # Our host name, name servers and MX port shape routing: the router follows.
+            router = self._router()
+            self.scheduler.router = router
+            self.scheduler.forget_routes()
+            self.health.router = router
         try:
             self._tls = tls_context(new)
         except (OSError, ssl.SSLError) as exc:
