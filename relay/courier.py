@@ -185,12 +185,6 @@ class Session:
         return "smtputf8" in self._extensions
 
     @property
-    def supports_dsn(self) -> bool:
-        """Whether NOTIFY/ORCPT/RET/ENVID go through (RFC 3461 4); without it the scheduler may
-        owe the sender a "relayed" DSN for NOTIFY=SUCCESS (RFC 3461 6.2.2)."""
-        return "dsn" in self._extensions
-
-    @property
     def tls_active(self) -> bool:
         return self._tls_active
 

@@ -154,8 +154,8 @@ def notices(
     by_address = {r.address: r for r in message.recipients}
     notices = []
     for action, outcomes, wanted in (
-        ("failed", failed, "FAILURE"),
-        ("delayed", delayed, "DELAY"),
+        (dsn.FAILED, failed, "FAILURE"),
+        (dsn.DELAYED, delayed, "DELAY"),
     ):
         reports = [
             report(by_address[o.address], o, action, now)
@@ -172,7 +172,7 @@ def notices(
             log.info("%s: %s, no DSN to the null sender", message.id, action)
             postmaster = config.postmaster
             to_postmaster = any(r.address == postmaster for r in reports)
-            if action == "failed" and postmaster and not to_postmaster:
+            if action == dsn.FAILED and postmaster and not to_postmaster:
                 notice = dsn_message(config, message, reports, body, now, to=(postmaster,))
                 log.info("%s: double bounce %s to <%s>", message.id, notice.id, postmaster)
                 notices.append(notice)
@@ -185,7 +185,7 @@ def report(
     recipient: RecipientRow, outcome: Outcome, action: str, now: float
 ) -> dsn.RecipientReport:
     code, _, text = outcome.reply.partition(" ")
-    code_number = int(code) if code.isdigit() else (500 if action == "failed" else 400)
+    code_number = int(code) if code.isdigit() else (500 if action == dsn.FAILED else 400)
     return dsn.RecipientReport(
         address=recipient.address,
         original_recipient=recipient.orcpt,
