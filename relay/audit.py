@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 
 # How long logged entries stay in the database: the log is the record, the table only a mailbox.
 KEEP_LOGGED = 30 * 86400.0
+# The actions that change the remembered recipients (relay.policy re-reads them after one).
+RECIPIENT_ACTIONS = ("import", "forget")
 
 
 def describe(entry: AuditEntry) -> str:
     """`uid 0 (root) ran hold at 2026-12-05T08:00:01Z on 2 messages: AAA BBB`."""
     at = datetime.fromtimestamp(entry.at, UTC).isoformat(timespec="seconds")
-    noun = "address" if entry.action in ("import", "forget") else "message"
+    noun = "address" if entry.action in RECIPIENT_ACTIONS else "message"
     what = plural(len(entry.ids), noun)
     return (
         f"uid {entry.uid} ({entry.user}) ran {entry.action} at {at.replace('+00:00', 'Z')}"
@@ -34,8 +36,8 @@ def describe(entry: AuditEntry) -> str:
     )
 
 
-async def log_new_entries(store: AsyncStore, now: float | None = None) -> int:
-    """Logs every action not logged yet; returns how many. Called when the queue changed."""
+async def log_new_entries(store: AsyncStore, now: float | None = None) -> list[AuditEntry]:
+    """Logs every action not logged yet and returns them. Called when the queue changed."""
     moment = time.time() if now is None else now
 
     def take(queue: Store) -> list[AuditEntry]:
@@ -59,4 +61,4 @@ async def log_new_entries(store: AsyncStore, now: float | None = None) -> int:
                 }
             },
         )
-    return len(entries)
+    return entries

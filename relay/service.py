@@ -224,8 +224,11 @@ class Relay:
                 changed = version != seen
                 if changed:
                     seen = version
-                    await audit.log_new_entries(self.store)
-                    await self.policy.reread()
+                    done = await audit.log_new_entries(self.store)
+                    # Only `relay recipients import`/`forget` change the remembered answers:
+                    # a hold or a flush must not cost a reload of every one of them.
+                    if any(entry.action in audit.RECIPIENT_ACTIONS for entry in done):
+                        await self.policy.reread()
                 # Deliveries free pages too: the file is looked at once a minute as well.
                 shrunk = await self.store.maintain() if changed or ticks % 60 == 0 else None
                 if shrunk is not None:
