@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from relay import store as store_module
 from relay.store import (
     DELIVERED,
     FAILED,
@@ -35,6 +34,8 @@ from relay.store import (
     Store,
     new_queue_id,
 )
+from relay.store import ids as store_ids
+from relay.store import schema as store_schema
 from tests.conftest import open_store
 
 T0 = 1_700_000_000.0
@@ -157,7 +158,7 @@ def test_queue_ids_sort_by_arrival_and_do_not_collide() -> None:
     assert ids == sorted(ids)
     same_instant = {new_queue_id(T0) for _ in range(2000)}
     assert len(same_instant) == 2000
-    assert set("".join(ids)) <= set(store_module._CROCKFORD)  # no I, L, O, U: unambiguous
+    assert set("".join(ids)) <= set(store_ids._CROCKFORD)  # no I, L, O, U: unambiguous
 
 
 # -- schema, migrations, files ----------------------------------------------------------------
@@ -184,7 +185,7 @@ def test_every_connection_is_wal_with_full_sync(db: Store) -> None:
 def test_an_old_queue_is_migrated_and_keeps_its_mail(tmp_path: Path) -> None:
     path = tmp_path / "queue.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    store_module._MIGRATIONS[0](sqlite_utils.Database(conn))
+    store_schema._MIGRATIONS[0](sqlite_utils.Database(conn))
     conn.execute("PRAGMA user_version=1")
     conn.execute(
         "INSERT INTO messages (id, sender, size, received_at, state)"
@@ -208,7 +209,7 @@ def test_an_old_queue_is_migrated_and_keeps_its_mail(tmp_path: Path) -> None:
 def test_a_failed_migration_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "queue.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    store_module._MIGRATIONS[0](sqlite_utils.Database(conn))
+    store_schema._MIGRATIONS[0](sqlite_utils.Database(conn))
     conn.execute("PRAGMA user_version=1")
     conn.execute("CREATE TABLE destinations (domain TEXT)")  # in the way of migration 2
     conn.close()
