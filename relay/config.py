@@ -17,10 +17,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay.tls import TLS_MODES
+
 T = TypeVar("T")
 
 DEFAULT_PORT = 25
-TLS_MODES = ("none", "opportunistic", "require", "verify")
 VERIFY_MODES = ("none", "callout")
 ACCEPT_MODES = ("always", "when_primary_down")
 EXPIRY_ACTIONS = ("bounce", "hold")

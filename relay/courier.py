@@ -23,20 +23,25 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import aiosmtplib
+
+from relay import tls
+from relay.envelope import hostport
+from relay.tls import TLS_MODES
+from relay.words import one_line
 
 if TYPE_CHECKING:  # for annotations only: the courier needs no DNS at run time
     from relay.mx import Hop
 
 log = logging.getLogger("relay.courier")
+T = TypeVar("T")
 
-TLS_MODES = ("none", "opportunistic", "require", "verify")
 
 # A '.' is stuffed wherever any receiver could believe a line starts: after CRLF (RFC 5321 4.5.2),
 # but also after a bare LF (Postfix, Exim and sendmail end lines there) and a bare CR (some
@@ -106,7 +111,7 @@ class SessionError(Exception):
         return self.reply.permanent
 
 
-class Session:
+class OutboundSession:
     """One SMTP connection to one hop, carrying any number of messages one after the other."""
 
     def __init__(
@@ -118,7 +123,7 @@ class Session:
         tls_active: bool,
         timeout: float,
     ) -> None:
-        """Use `Session.open`; this only records an established, greeted connection."""
+        """Use `OutboundSession.open`; this only records an established, greeted connection."""
         self._smtp = smtp
         self._hop = hop
         self._where = _where(hop)
@@ -139,7 +144,7 @@ class Session:
         tls: str = "opportunistic",
         cafile: str | None = None,
         timeout: float = 60.0,  # noqa: ASYNC109 — per reply (RFC 5321 4.5.3.2), not a deadline
-    ) -> Session:
+    ) -> OutboundSession:
         """Connects, reads the greeting, says EHLO as `helo` and applies the TLS policy.
 
         `tls`: "none" never sends STARTTLS; "opportunistic" uses it when offered, without
@@ -159,7 +164,7 @@ class Session:
             )
         return cls(smtp, hop, greeting=greeting, tls_active=tls_active, timeout=timeout)
 
-    async def __aenter__(self) -> Session:
+    async def __aenter__(self) -> OutboundSession:
         return self
 
     async def __aexit__(
@@ -342,7 +347,7 @@ class Session:
             # A server that cannot reset cannot be trusted with the next envelope. Temporary
             # whatever its code: it says nothing about the message.
             raise SessionError(
-                Reply(421, f"4.5.0 RSET refused by {self._where}: {_one_line(str(reply))}")
+                Reply(421, f"4.5.0 RSET refused by {self._where}: {one_line(str(reply))}")
             )
         self._reset_pending = False
 
@@ -368,7 +373,7 @@ class Session:
             raise SessionError(reply)  # RFC 5321 3.8: the server is closing the channel
         if reply.code // 100 in (expect, 4, 5):
             return reply
-        text = f"4.5.0 unexpected reply {stage} from {self._where}: {_one_line(str(reply))}"
+        text = f"4.5.0 unexpected reply {stage} from {self._where}: {one_line(str(reply))}"
         raise SessionError(Reply(421, text))
 
     def _break(self, reply: Reply) -> None:
@@ -390,7 +395,7 @@ class Session:
             if not _positive(mail):
                 # The null sender refused says nothing about the address: no verdict, and no
                 # verdict must never read as a permanent "no such user".
-                text = f"4.3.0 {self._where} refused MAIL FROM:<>: {_one_line(str(mail))}"
+                text = f"4.3.0 {self._where} refused MAIL FROM:<>: {one_line(str(mail))}"
                 raise SessionError(Reply(421, text))
             self._reset_pending = True
             rcpt = await self._command(
@@ -409,7 +414,7 @@ async def probe(hop: Hop, *, helo: str, timeout: float = 10.0) -> Reply:  # noqa
     Raises SessionError when the hop does not take a session (refused, timeout, 4xx/5xx
     greeting or EHLO). No TLS: a probe carries no mail.
     """
-    session = await Session.open(hop, helo=helo, tls="none", timeout=timeout)
+    session = await OutboundSession.open(hop, helo=helo, tls="none", timeout=timeout)
     await session.close()
     return session.greeting
 
@@ -419,7 +424,7 @@ async def verify_recipient(
     *,
     helo: str,
     address: str,
-    timeout: float = 30.0,  # noqa: ASYNC109 — per reply, like Session.open's
+    timeout: float = 30.0,  # noqa: ASYNC109 — per reply, like OutboundSession.open's
 ) -> Reply:
     """Callout: would the hop take mail for `address`? Returns its RCPT reply (2xx/4xx/5xx).
 
@@ -428,7 +433,7 @@ async def verify_recipient(
     there is no verdict: the session failed, or the hop refused the null sender (which says
     nothing about the address, so that error is a temporary 421 quoting the refusal).
     """
-    session = await Session.open(hop, helo=helo, tls="opportunistic", timeout=timeout)
+    session = await OutboundSession.open(hop, helo=helo, tls="opportunistic", timeout=timeout)
     try:
         return await session._callout(address)
     finally:
@@ -500,7 +505,7 @@ async def _starttls(
 ) -> None:
     """STARTTLS, handshake, EHLO again; any failure is a temporary 421 4.7.5 SessionError."""
     try:
-        context = await asyncio.to_thread(_tls_context, verify, cafile)
+        context = await asyncio.to_thread(tls.client_context, verify, cafile)
         await smtp.starttls(server_hostname=hop.host, tls_context=context)
         # RFC 3207 4.2: forget what the server said before TLS; ask again.
         await smtp.ehlo(hostname=helo)
@@ -510,16 +515,26 @@ async def _starttls(
         ) from exc
 
 
-def _tls_context(verify: bool, cafile: str | None) -> ssl.SSLContext:
-    """Built per session (in a thread, it may read files) so a renewed CA file is picked up."""
-    if verify:
-        return ssl.create_default_context(cafile=cafile)
-    # Opportunistic/require: encryption against passive eavesdropping only (RFC 7435); MX
-    # certificates are too often self-signed or misnamed for checking them to be the default.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+async def first_answer(
+    hops: Sequence[Hop],
+    attempt: Callable[[Hop], Awaitable[T]],
+    on_failure: Callable[[Hop, SessionError], None] | None = None,
+) -> T:
+    """Tries each hop in order (RFC 5321 5.1: MX preference, then addresses); the first that
+    answers, or the last SessionError. Every "try the next host" in the relay goes through here."""
+    error: SessionError | None = None
+    for hop in hops:
+        try:
+            return await attempt(hop)
+        except SessionError as exc:
+            if on_failure is not None:
+                on_failure(hop, exc)
+            else:
+                log.debug("probe of %s failed: %s", hop.host, exc.reply)
+            error = exc
+    if error is None:
+        raise SessionError(Reply(421, "4.4.4 no host to try"))
+    raise error
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -557,25 +572,21 @@ def _failure_reply(exc: BaseException, stage: str, where: str) -> Reply:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
-        return _one_line(f"{exc.code} {exc.message}")
+        return one_line(f"{exc.code} {exc.message}")
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return _one_line(f"certificate verify failed: {exc.verify_message}")
+        return one_line(f"certificate verify failed: {exc.verify_message}")
     text = str(exc) or type(exc).__name__
     cause = exc.__cause__
     if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text} ({_describe(cause)})"
-    return _one_line(text)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return one_line(text)
 
 
 def _where(hop: Hop) -> str:
-    address = f"[{hop.address}]" if ":" in hop.address else hop.address
+    """`mx1.example.org[192.0.2.1]:25` as Postfix writes it, or `[2001:db8::1]:25`."""
     if hop.host and hop.host != hop.address:
         return f"{hop.host}[{hop.address}]:{hop.port}"
-    return f"{address}:{hop.port}"
+    return hostport(hop.address, hop.port)
 
 
 def _positive(reply: Reply) -> bool:

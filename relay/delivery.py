@@ -26,7 +26,14 @@ from typing import Protocol
 
 from relay import metrics
 from relay.config import Config
-from relay.courier import Outgoing, OutgoingRecipient, Reply, Session, SessionError
+from relay.courier import (
+    OutboundSession,
+    Outgoing,
+    OutgoingRecipient,
+    Reply,
+    SessionError,
+    first_answer,
+)
 from relay.health import DestinationHealth
 from relay.logs import fields
 from relay.mx import Hop, RouteError, Router
@@ -67,7 +74,7 @@ DOWN_AFTER_4XX = 5
 class Connector(Protocol):
     def __call__(
         self, hop: Hop, *, helo: str, tls: str, cafile: str | None, timeout: float
-    ) -> Awaitable[Session]: ...
+    ) -> Awaitable[OutboundSession]: ...
 
 
 @dataclass
@@ -92,7 +99,7 @@ class Scheduler:
     router: Router
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
-    connect: Connector = Session.open
+    connect: Connector = OutboundSession.open
     # Whether each destination is up: shared with the recipient policy (relay.service), or
     # the scheduler's own when it runs alone (tests, benchmarks).
     health: DestinationHealth | None = None
@@ -263,25 +270,24 @@ class Scheduler:
         settings = self.config.domain(domain)
         return settings.tls if settings else "opportunistic"
 
-    async def _open(self, domain: str, hops: Sequence[Hop]) -> tuple[Session, Hop]:
-        """Tries every hop in order; raises the last SessionError when none takes us."""
+    async def _open(self, domain: str, hops: Sequence[Hop]) -> tuple[OutboundSession, Hop]:
+        """The first hop that takes a session; raises the last SessionError when none does."""
         cfg = self.config
-        error: SessionError | None = None
-        for hop in hops:
-            try:
-                session = await self.connect(
-                    hop,
-                    helo=cfg.hostname,
-                    tls=self._tls_mode(domain),
-                    cafile=cfg.delivery.cafile or None,
-                    timeout=cfg.delivery.timeout,
-                )
-                return session, hop
-            except SessionError as exc:
-                log.info("%s: %s [%s]:%d: %s", domain, hop.host, hop.address, hop.port, exc.reply)
-                error = exc
-        assert error is not None
-        raise error
+
+        async def connect(hop: Hop) -> tuple[OutboundSession, Hop]:
+            session = await self.connect(
+                hop,
+                helo=cfg.hostname,
+                tls=self._tls_mode(domain),
+                cafile=cfg.delivery.cafile or None,
+                timeout=cfg.delivery.timeout,
+            )
+            return session, hop
+
+        def failed(hop: Hop, exc: SessionError) -> None:
+            log.info("%s: %s [%s]:%d: %s", domain, hop.host, hop.address, hop.port, exc.reply)
+
+        return await first_answer(hops, connect, on_failure=failed)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -298,7 +304,7 @@ class Scheduler:
                 self._start_sessions(dest)
 
     async def _drain(self, dest: Destination) -> None:
-        session: Session | None = None
+        session: OutboundSession | None = None
         hop: Hop | None = None
         try:
             while (
@@ -345,7 +351,7 @@ class Scheduler:
             message, _ = dest.queue.get_nowait()
             self._release(message.id)
 
-    async def _connect_for(self, dest: Destination) -> tuple[Session, Hop]:
+    async def _connect_for(self, dest: Destination) -> tuple[OutboundSession, Hop]:
         try:
             hops = await self._route(dest.name)
         except RouteError as exc:
@@ -358,7 +364,7 @@ class Scheduler:
     async def _deliver(
         self,
         dest: Destination,
-        session: Session,
+        session: OutboundSession,
         hop: Hop | None,
         message: MessageRow,
         recipients: tuple[RecipientRow, ...],

@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from relay import sender_checks
+from relay import sender_checks, tls
 from relay.config import Config, DomainConfig, parse_hostport
 from relay.courier import SessionError, probe
+from relay.envelope import hostport
 from relay.mx import NXDOMAIN, Hop, RouteError, Router, is_local_address
-from relay.service import tls_context
 from relay.store import StorageError, Store
 from relay.words import plural
 
@@ -390,7 +390,7 @@ def _wildcard(address: str) -> str:
 
 
 def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return hostport(host, port)
 
 
 def _list(items: Sequence[str]) -> str:
@@ -422,7 +422,7 @@ def check_tls(cfg: Config, now: float) -> list[Finding]:
         ]
     path = cfg.tls.cert
     try:
-        tls_context(cfg)
+        tls.server_context(cfg)
         cert = _decode_cert(path)
     except (OSError, ssl.SSLError, ValueError) as exc:
         return [

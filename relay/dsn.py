@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from relay.words import one_line
+
 FAILED = "failed"
 DELAYED = "delayed"
 CRLF = b"\r\n"
@@ -147,7 +149,7 @@ def delivery_status(
     """
     message_fields = [f"Reporting-MTA: dns; {reporting_mta}"]
     if envid:
-        message_fields.append(f"Original-Envelope-Id: {_one_line(envid)}")
+        message_fields.append(f"Original-Envelope-Id: {one_line(envid)}")
     message_fields.append(f"Arrival-Date: {_date(arrival)}")
     blocks = [_lines(message_fields)] + [_lines(_recipient_fields(r)) for r in reports]
     return CRLF.join(blocks)
@@ -156,7 +158,7 @@ def delivery_status(
 def _recipient_fields(report: RecipientReport) -> list[str]:
     fields = []
     if report.original_recipient:
-        fields.append(f"Original-Recipient: {_one_line(report.original_recipient)}")
+        fields.append(f"Original-Recipient: {one_line(report.original_recipient)}")
     address_type = "rfc822" if report.address.isascii() else "utf-8"
     fields += [
         f"Final-Recipient: {address_type}; {report.address}",
@@ -215,9 +217,9 @@ def _reasons(reports: Sequence[RecipientReport]) -> list[str]:
     lines = []
     for report in reports:
         if report.diagnostic and report.remote_mta:
-            reason = f"host {report.remote_mta} said: {_one_line(report.diagnostic)}"
+            reason = f"host {report.remote_mta} said: {one_line(report.diagnostic)}"
         elif report.diagnostic:
-            reason = _one_line(report.diagnostic)
+            reason = one_line(report.diagnostic)
         else:
             reason = f"delivery status {report.status}"
         lines += [f"<{report.address}>: {reason}", ""]
@@ -295,10 +297,6 @@ def _boundary(message_id: str, bodies: list[bytes]) -> str:
 
 def _lines(lines: list[str]) -> bytes:
     return b"".join(line.encode("utf-8") + CRLF for line in lines)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _folded(text: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from relay import metrics
 from relay.config import Config, DomainConfig
-from relay.courier import Reply, SessionError, probe
+from relay.courier import Reply, SessionError, first_answer, probe
 from relay.mx import Hop, RouteError, Router
 from relay.store import AsyncStore, DestinationState, StorageError, Store
 
@@ -310,20 +310,6 @@ class DestinationHealth:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*self._writes, return_exceptions=True)
-
-
-async def first_answer(hops: list[Hop], attempt: Callable[[Hop], Awaitable[Reply]]) -> Reply:
-    """Tries each hop in order (RFC 5321 5.1); the first reply, or the last SessionError."""
-    error: SessionError | None = None
-    for hop in hops:
-        try:
-            return await attempt(hop)
-        except SessionError as exc:
-            log.debug("probe of %s failed: %s", hop.host, exc.reply)
-            error = exc
-    if error is None:
-        raise RouteError("no hop to try", kind="no_address", permanent=False)
-    raise error
 
 
 def _state_of(up: bool | None) -> State:

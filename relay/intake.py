@@ -56,7 +56,7 @@ _TERMINATOR = b"\r\n.\r\n"
 _BOGUS_LIMIT = 5  # unknown commands before the session is closed (aiosmtpd's BOGUS_LIMIT)
 
 
-class Reply:
+class Replies:
     """The reply texts, in one place, so docs/operations.md can list what we send and why."""
 
     MAIL_OK = "250 2.1.0 Ok"
@@ -371,7 +371,7 @@ class RelaySMTP(SMTP):
 
     async def _line_too_long(self) -> None:
         metrics.messages_rejected.labels("line_too_long").inc()
-        await self.push(Reply.LINE_TOO_LONG)
+        await self.push(Replies.LINE_TOO_LONG)
 
     async def push(self, status: AnyStr) -> None:
         await self.push_lines(status)
@@ -411,7 +411,7 @@ class RelaySMTP(SMTP):
         metrics.messages_rejected.labels(reason).inc()
         log.info("%s from [%s]", reason.replace("_", " "), self.relay_session().client_ip)
         if self.transport is not None and not self.transport.is_closing():
-            line = Reply.TIMEOUT.format(host=self.hostname) + "\r\n"
+            line = Replies.TIMEOUT.format(host=self.hostname) + "\r\n"
             self.transport.write(line.encode())  # type: ignore[attr-defined]
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -464,27 +464,27 @@ class RelaySMTP(SMTP):
         subdomain of it; `ETRN #queue` names a queue, which we do not have (458).
         """
         if not self.relay_session().host_name:
-            await self.push(Reply.NEED_HELO)
+            await self.push(Replies.NEED_HELO)
             return
         node = (arg or "").strip()
         name = node[1:] if node[:1] in ("@", "#") else node
         if not name or " " in node or name[:1] in ("@", "#"):
-            await self.push(Reply.ETRN_SYNTAX)
+            await self.push(Replies.ETRN_SYNTAX)
             return
         if node.startswith("#"):
-            await self.push(Reply.ETRN_NO_NAMED_QUEUES.format(domain=node))
+            await self.push(Replies.ETRN_NO_NAMED_QUEUES.format(domain=node))
             return
         await self.push(await self.relay_handler.etrn(self.relay_session(), node))
 
     async def smtp_AUTH(self, arg: str | None) -> None:
-        await self.push(Reply.NO_AUTH)
+        await self.push(Replies.NO_AUTH)
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
             return
         self._reset_state()
-        await self.push(Reply.RSET_OK)
+        await self.push(Replies.RSET_OK)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -492,29 +492,29 @@ class RelaySMTP(SMTP):
 
     async def _mail(self, arg: str | None) -> str:
         if not self.relay_session().host_name:
-            return Reply.NEED_HELO
+            return Replies.NEED_HELO
         if self.relay_envelope().mail_from is not None:
-            return Reply.NESTED_MAIL
+            return Replies.NESTED_MAIL
         # A fresh envelope: parameters of an earlier MAIL that was refused (SMTPUTF8, RET,
         # ENVID, BODY) must not carry over into this transaction.
         self._reset_state()
         envelope = self.relay_envelope()
         rest = self._strip_command_keyword("FROM:", arg or "")
         if not rest:
-            return Reply.MAIL_SYNTAX
+            return Replies.MAIL_SYNTAX
         address, param_text = self._getaddr(rest)
         if address is None:
-            return Reply.BAD_ADDRESS
+            return Replies.BAD_ADDRESS
         params = _params(param_text or "")
         if params is None or (params and not self.relay_session().extended_smtp):
-            return Reply.MAIL_SYNTAX
+            return Replies.MAIL_SYNTAX
         if (problem := self._take_mail_params(params, envelope)) is not None:
             return problem
         sender = "" if address == "<>" else address
         if not _valid_utf8(sender):
-            return Reply.BAD_ADDRESS
+            return Replies.BAD_ADDRESS
         if not envelope.smtp_utf8 and not sender.isascii():
-            return Reply.SMTPUTF8_NEEDED
+            return Replies.SMTPUTF8_NEEDED
         reply = await self.relay_handler.mail(self.relay_session(), envelope, sender)
         if reply.startswith("2"):
             envelope.mail_from = sender
@@ -526,28 +526,28 @@ class RelaySMTP(SMTP):
         for name, value in params.items():
             if name == "SIZE":
                 if value is None or not value.isdigit():
-                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
                 if self.data_size_limit and int(value) > self.data_size_limit:
                     metrics.messages_rejected.labels("too_big").inc()
-                    return Reply.TOO_BIG
+                    return Replies.TOO_BIG
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
                 envelope.eightbit = value.upper() == "8BITMIME"
             elif name == "SMTPUTF8":
                 if value is not None:
-                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
                 envelope.smtp_utf8 = True
             elif name == "RET":
                 if value is None or value.upper() not in ("FULL", "HDRS"):
-                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
                 envelope.ret = value.upper()
             elif name == "ENVID":
                 if value is None or not _XTEXT.match(value):
-                    return Reply.BAD_PARAMETER_VALUE.format(name=name)
+                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
                 envelope.envid = value
             else:
-                return Reply.BAD_PARAMETER.format(name=name)
+                return Replies.BAD_PARAMETER.format(name=name)
         return None
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
@@ -564,14 +564,14 @@ class RelaySMTP(SMTP):
         """RCPT as a sequence of checks, each a reply or nothing; the handler decides last."""
         envelope = self.relay_envelope()
         if not self.relay_session().host_name:
-            return Reply.NEED_HELO
+            return Replies.NEED_HELO
         if envelope.mail_from is None:
-            return Reply.NEED_MAIL
+            return Replies.NEED_MAIL
         parsed = self._parse_rcpt(arg or "")
         if isinstance(parsed, str):
             return parsed
         if not envelope.smtp_utf8 and not parsed.address.isascii():
-            return Reply.SMTPUTF8_NEEDED
+            return Replies.SMTPUTF8_NEEDED
         reply = await self.relay_handler.rcpt(self.relay_session(), envelope, parsed)
         if reply.startswith("2"):
             _add_recipient(envelope, self.relay_handler.delivered_as(parsed))
@@ -581,39 +581,39 @@ class RelaySMTP(SMTP):
         """The recipient and its DSN parameters (RFC 3461 4), or the syntax error's reply."""
         rest = self._strip_command_keyword("TO:", arg)
         if not rest:
-            return Reply.RCPT_SYNTAX
+            return Replies.RCPT_SYNTAX
         address, param_text = self._getaddr(rest)
         if not address or address == "<>" or not _valid_utf8(address):
-            return Reply.BAD_ADDRESS
+            return Replies.BAD_ADDRESS
         params = _params(param_text or "")
         if params is None or (params and not self.relay_session().extended_smtp):
-            return Reply.RCPT_SYNTAX
+            return Replies.RCPT_SYNTAX
         notify, orcpt = params.pop("NOTIFY", None), params.pop("ORCPT", None)
         if params:
-            return Reply.BAD_PARAMETER.format(name=next(iter(params)))
+            return Replies.BAD_PARAMETER.format(name=next(iter(params)))
         if notify is not None:
             notify = _notify_value(notify)
             if notify is None:
-                return Reply.BAD_PARAMETER_VALUE.format(name="NOTIFY")
+                return Replies.BAD_PARAMETER_VALUE.format(name="NOTIFY")
         if orcpt is not None and (";" not in orcpt or not _XTEXT.match(orcpt)):
-            return Reply.BAD_PARAMETER_VALUE.format(name="ORCPT")
+            return Replies.BAD_PARAMETER_VALUE.format(name="ORCPT")
         return NewRecipient(address, notify=notify, orcpt=orcpt)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         if not self.relay_session().host_name:
-            await self.push(Reply.NEED_HELO)
+            await self.push(Replies.NEED_HELO)
             return
         if self.relay_envelope().mail_from is None:
-            await self.push(Reply.NEED_MAIL)
+            await self.push(Replies.NEED_MAIL)
             return
         if not self.relay_envelope().rcpt_tos:
-            await self.push(Reply.NEED_RCPT)
+            await self.push(Replies.NEED_RCPT)
             return
         if arg:
-            await self.push(Reply.DATA_SYNTAX)
+            await self.push(Replies.DATA_SYNTAX)
             return
-        await self.push(Reply.DATA_GO)
+        await self.push(Replies.DATA_GO)
         self._reading_data = True
         try:
             content = await self._read_data()
@@ -689,7 +689,7 @@ class RelaySMTP(SMTP):
             return self.relay_handler.over_budget(self.relay_session())
         if limit and (discarded or end > limit):
             metrics.messages_rejected.labels("too_big").inc()
-            return Reply.TOO_BIG
+            return Replies.TOO_BIG
         return bytes(buffer).replace(b"\r\n.", b"\r\n")[2:]
 
     def _unread(self, data: bytes) -> None:
@@ -787,9 +787,9 @@ def recipient_problem(address: str) -> str | None:
     """Syntax a backup MX refuses before looking at domains (RFC 5321 4.1.2, 3.6.1)."""
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
-        return Reply.BAD_RECIPIENT
+        return Replies.BAD_RECIPIENT
     if _ROUTING_CHARS & set(local):
-        return Reply.ROUTED_RECIPIENT.format(address=address)
+        return Replies.ROUTED_RECIPIENT.format(address=address)
     return None
 
 
@@ -851,7 +851,7 @@ class IntakeHandler:
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's hook for an error of ours: a 4xx so the client retries (a 500 bounces)."""
         log.error("internal error in an SMTP session: %r", error, exc_info=error)
-        return Reply.INTERNAL_ERROR
+        return Replies.INTERNAL_ERROR
 
     def extra_extensions(self, session: RelaySession) -> list[str]:
         """ETRN, to the clients allowed to use it (RFC 1985 3): others would only get 459."""
@@ -862,14 +862,14 @@ class IntakeHandler:
         config = self.config
         if not client_allowed(session.client_ip, config.smtp.etrn_clients):
             log.info("reject ETRN %s from [%s]: client not allowed", node, session.client_ip)
-            return Reply.ETRN_DENIED.format(domain=node, client=session.client_ip)
+            return Replies.ETRN_DENIED.format(domain=node, client=session.client_ip)
         names = etrn_domains(config, node)
         if not names or self.flush_domain is None:
-            return Reply.ETRN_UNKNOWN.format(domain=node)
+            return Replies.ETRN_UNKNOWN.format(domain=node)
         count = sum([await self.flush_domain(name) for name in names])
         due = plural(count, "recipient")
         log.info("ETRN %s from [%s]: %s due now", node, session.client_ip, due)
-        return Reply.ETRN_STARTED.format(domain=node)
+        return Replies.ETRN_STARTED.format(domain=node)
 
     def _refused(self, session: RelaySession, what: str, refusal: Refusal) -> str:
         metrics.messages_rejected.labels(refusal.reason).inc()
@@ -885,7 +885,7 @@ class IntakeHandler:
     async def mail(self, session: RelaySession, envelope: RelayEnvelope, sender: str) -> str:
         if self.limits is not None and (refusal := self.limits.mail(session)) is not None:
             return self._refused(session, "MAIL", refusal)
-        return Reply.MAIL_OK
+        return Replies.MAIL_OK
 
     def take_data(self, size: int) -> bool:
         """Whether `size` more bytes of DATA may be held in memory (smtp.max_inflight_bytes)."""
@@ -927,8 +927,8 @@ class IntakeHandler:
         if self.postmaster_alias(recipient.address):
             if len(envelope.recipients) >= config.smtp.max_recipients:
                 metrics.messages_rejected.labels("too_many_recipients").inc()
-                return Reply.TOO_MANY_RECIPIENTS
-            return Reply.RCPT_OK
+                return Replies.TOO_MANY_RECIPIENTS
+            return Replies.RCPT_OK
         if (problem := recipient_problem(recipient.address)) is not None:
             metrics.messages_rejected.labels("bad_recipient").inc()
             return problem
@@ -946,15 +946,15 @@ class IntakeHandler:
                     reason="relay_denied",
                 ),
             )
-            return Reply.RELAY_DENIED.format(address=recipient.address)
+            return Replies.RELAY_DENIED.format(address=recipient.address)
         if len(envelope.recipients) >= config.smtp.max_recipients:
             metrics.messages_rejected.labels("too_many_recipients").inc()
-            return Reply.TOO_MANY_RECIPIENTS
+            return Replies.TOO_MANY_RECIPIENTS
         if self.policy is not None:
             refusal = await self.policy.rcpt(session, settings, recipient.address)
             if refusal is not None:
                 return self._refused(session, f"RCPT to=<{recipient.address}>", refusal)
-        return Reply.RCPT_OK
+        return Replies.RCPT_OK
 
     async def data(self, session: RelaySession, envelope: RelayEnvelope, content: bytes) -> str:
         config = self.config
@@ -967,7 +967,7 @@ class IntakeHandler:
                 plural(hops, "hop"),
                 extra=fields(event="rejected", client=session.client_ip, reason="too_many_hops"),
             )
-            return Reply.TOO_MANY_HOPS
+            return Replies.TOO_MANY_HOPS
         now = self.clock()
         queue_id = new_queue_id(now)
         recipients = tuple(envelope.recipients)
@@ -1004,7 +1004,7 @@ class IntakeHandler:
                 exc,
                 extra=fields(event="rejected", client=session.client_ip, reason="storage_error"),
             )
-            return Reply.STORAGE_ERROR
+            return Replies.STORAGE_ERROR
         session.messages += 1
         for domain in sorted({r.domain for r in recipients}):
             metrics.messages_accepted.labels(domain).inc()
@@ -1028,7 +1028,7 @@ class IntakeHandler:
         )
         if self.on_accepted is not None:
             self.on_accepted(message)
-        return Reply.QUEUED.format(id=queue_id)
+        return Replies.QUEUED.format(id=queue_id)
 
 
 def _protocol(session: RelaySession, envelope: RelayEnvelope) -> str:

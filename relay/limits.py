@@ -48,7 +48,7 @@ class Refusal:
         return self.reply.startswith("421")
 
 
-class Reply:
+class Replies:
     """Reply texts of the limits. 4.7.0 is "security or policy", 4.3.1 "system full"."""
 
     TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Error: too many connections, try again later"
@@ -133,9 +133,9 @@ class Limits:
         smtp, host = config.smtp, config.hostname
         key = client_key(session.client_ip)
         if self.connections >= smtp.max_connections:
-            return Refusal(Reply.TOO_MANY_CONNECTIONS.format(host=host), "max_connections")
+            return Refusal(Replies.TOO_MANY_CONNECTIONS.format(host=host), "max_connections")
         if self.per_client[key] >= smtp.max_connections_per_ip:
-            reply = Reply.TOO_MANY_FROM_CLIENT.format(host=host, client=session.client_ip)
+            reply = Replies.TOO_MANY_FROM_CLIENT.format(host=host, client=session.client_ip)
             return Refusal(reply, "max_connections_per_ip")
         self.connections += 1
         self.per_client[key] += 1
@@ -163,7 +163,7 @@ class Limits:
         config = self.get_config()
         smtp = config.smtp
         if session.messages >= smtp.max_messages_per_session:
-            return Refusal(Reply.TOO_MANY_MESSAGES.format(host=config.hostname), "max_messages")
+            return Refusal(Replies.TOO_MANY_MESSAGES.format(host=config.hostname), "max_messages")
         free = self.free_space()
         if free is not None and free < config.queue.min_free_space:
             log.warning(
@@ -171,9 +171,9 @@ class Limits:
                 free,
                 config.queue.min_free_space,
             )
-            return Refusal(Reply.LOW_DISK, "low_disk_space")
+            return Refusal(Replies.LOW_DISK, "low_disk_space")
         if smtp.rate_per_ip and not self._count_message(client_key(session.client_ip)):
-            reply = Reply.RATE.format(host=config.hostname, client=session.client_ip)
+            reply = Replies.RATE.format(host=config.hostname, client=session.client_ip)
             return Refusal(reply, "rate_per_ip")
         return None
 
@@ -215,4 +215,4 @@ class Limits:
         self.inflight_bytes -= size
 
     def inflight_refusal(self) -> Refusal:
-        return Refusal(Reply.INFLIGHT, "inflight_bytes")
+        return Refusal(Replies.INFLIGHT, "inflight_bytes")

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from relay import dsn, metrics
 from relay.config import Config
+from relay.envelope import domain_of
 from relay.logs import fields
 from relay.store import (
     DELIVERED,
@@ -254,7 +255,7 @@ def delay_text(seconds: float) -> str:
 
 
 def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    return domain_of(address)
 
 
 def notify_allows(notify: str | None, event: str) -> bool:

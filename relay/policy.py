@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.config import Config, DomainConfig
-from relay.courier import Reply, SessionError, verify_recipient
-from relay.health import DestinationHealth, first_answer
+from relay.courier import Reply, SessionError, first_answer, verify_recipient
+from relay.envelope import domain_of
+from relay.health import DestinationHealth
 from relay.limits import Refusal
 from relay.mx import Hop, RouteError
 from relay.store import AsyncStore, StorageError, Store, address_key
@@ -64,7 +65,7 @@ class Replies:
     )
 
 
-class Session(Protocol):
+class InboundSession(Protocol):
     """What the policy keeps on an SMTP session (intake's RelaySession)."""
 
     unknown_recipients: int
@@ -312,7 +313,7 @@ class RecipientPolicy:
         await self.cache.load()
 
     def _expired(self, key: str, verdict: Verdict, now: float) -> bool:
-        domain = key.rpartition("@")[2]
+        domain = domain_of(key)
         settings = self.get_config().domain(domain)
         if settings is None:
             return True
@@ -336,11 +337,13 @@ class RecipientPolicy:
 
     def learn(self, address: str) -> None:
         """The primary accepted `address` on delivery: remember it as a real mailbox."""
-        settings = self.get_config().domain(address.rpartition("@")[2])
+        settings = self.get_config().domain(domain_of(address))
         if settings is not None and settings.verify == "callout":
             self.cache.put(address, True)
 
-    async def rcpt(self, session: Session, settings: DomainConfig, address: str) -> Refusal | None:
+    async def rcpt(
+        self, session: InboundSession, settings: DomainConfig, address: str
+    ) -> Refusal | None:
         """None to accept `address` (of the configured domain `settings`), else the refusal."""
         if settings.accept == "when_primary_down" and await self.health.current(settings.name):
             return Refusal(Replies.PRIMARY_UP.format(address=address), "primary_up")

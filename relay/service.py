@@ -22,10 +22,11 @@ from typing import Any
 import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import audit, metrics
+from relay import audit, metrics, tls
 from relay import config as config_module
 from relay.config import Config
 from relay.delivery import Scheduler
+from relay.envelope import hostport
 from relay.health import DestinationHealth
 from relay.intake import IntakeHandler, RelaySMTP
 from relay.limits import Limits
@@ -34,16 +35,6 @@ from relay.policy import RecipientPolicy
 from relay.store import AsyncStore, NewMessage, StorageError, Store
 
 log = logging.getLogger("relay")
-
-
-def tls_context(cfg: Config) -> ssl.SSLContext | None:
-    """The inbound STARTTLS context, or None when no certificate is configured."""
-    if not cfg.tls.enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cfg.tls.cert, cfg.tls.key)
-    return context
 
 
 @dataclass
@@ -134,7 +125,7 @@ class Relay:
         self.smtp_servers: list[asyncio.Server] = []
         self.http_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
-        self._tls = tls_context(cfg)
+        self._tls = tls.server_context(cfg)
         self.scheduler: Scheduler | None = None
         self._delivery_task: asyncio.Task[None] | None = None
         self._operators_task: asyncio.Task[None] | None = None
@@ -279,7 +270,7 @@ class Relay:
             self.scheduler.forget_routes()
             self.health.router = router
         try:
-            self._tls = tls_context(new)
+            self._tls = tls.server_context(new)
         except (OSError, ssl.SSLError) as exc:
             log.error("reload: TLS certificate not loaded, keeping the old one: %s", exc)
         log.info("configuration reloaded from %s", path)
@@ -314,7 +305,7 @@ def _sockname(server: asyncio.Server) -> str:
     names = []
     for sock in server.sockets:
         host, port = sock.getsockname()[:2]
-        names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        names.append(hostport(host, port))
     return ", ".join(names)
 
 

@@ -25,3 +25,8 @@ def summarize(names: Sequence[str], noun: str, shown: int = 5) -> str:
     if len(names) <= shown * 2:
         return head + ", ".join(names)
     return head + ", ".join(names[:shown]) + ", … (see --verbose)"
+
+
+def one_line(text: str) -> str:
+    """Any run of whitespace, line breaks included, as one space: a reply or reason on one line."""
+    return " ".join(text.split())

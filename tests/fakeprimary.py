@@ -12,7 +12,7 @@ STARTTLS stay aiosmtpd's, so the DATA parsing tested against is a real server's.
 Use the `fake_primary` fixture (a factory) or start/stop a `FakePrimary` yourself:
 
     fake = await fake_primary(replies={"bob@example.org": "550 5.1.1 no such user"})
-    session = await Session.open(fake.hop(), helo="relay.test")
+    session = await OutboundSession.open(fake.hop(), helo="relay.test")
 """
 
 from __future__ import annotations

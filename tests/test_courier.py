@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.courier import (
+    OutboundSession,
     Outgoing,
     OutgoingRecipient,
     Reply,
-    Session,
     SessionError,
     _data_payload,
     probe,
@@ -64,7 +64,7 @@ def message(*recipients: str | OutgoingRecipient, **fields: Any) -> Outgoing:
 
 
 async def deliver(fake: FakePrimary, msg: Outgoing, **open_args: Any) -> dict[str, Reply]:
-    session = await Session.open(fake.hop(), helo=HELO, **open_args)
+    session = await OutboundSession.open(fake.hop(), helo=HELO, **open_args)
     try:
         return await session.send(msg)
     finally:
@@ -147,7 +147,7 @@ async def test_two_messages_travel_over_one_connection_without_rset_after_a_comp
     fake = await fake_primary()
     second_body = b"Subject: second\r\n\r\nsecond message\r\n"
 
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
     first = await session.send(message("bob@example.org"))
     second = await session.send(message("carol@example.org", id="Q2", body=second_body))
     await session.close()
@@ -202,7 +202,7 @@ async def test_a_refused_final_dot_ends_the_transaction_too(fake_primary: Start)
     """4xx/5xx to the dot is the end of the transaction (RFC 5321 4.1.1.4): no RSET needed."""
     fake = await fake_primary(data_reply="554 5.6.0 content rejected")
 
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
     first = await session.send(message("bob@example.org"))
     second = await session.send(message("carol@example.org", id="Q2"))
     await session.close()
@@ -214,7 +214,7 @@ async def test_a_refused_final_dot_ends_the_transaction_too(fake_primary: Start)
 async def test_no_accepted_recipient_means_no_data_and_an_rset(fake_primary: Start) -> None:
     fake = await fake_primary(replies={"nobody@example.org": "550 5.1.1 User unknown"})
 
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
     replies = await session.send(message("nobody@example.org"))
     again = await session.send(message("bob@example.org", id="Q2"))
     await session.close()
@@ -252,7 +252,7 @@ async def test_message_over_the_servers_size_fails_permanently_without_sending(
 ) -> None:
     fake = await fake_primary(size_limit=100)
 
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
     replies = await session.send(message("bob@example.org", "carol@example.org"))
     await session.close()
 
@@ -269,7 +269,7 @@ async def test_smtputf8_message_to_a_server_without_smtputf8_fails_with_5_6_7(
 ) -> None:
     fake = await fake_primary(smtputf8=False)
 
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
     replies = await session.send(message("bob@example.org", smtputf8=True))
     await session.close()
 
@@ -325,7 +325,7 @@ async def test_dsn_parameters_pass_through_exactly_when_dsn_is_offered(
 async def test_dsn_parameters_are_dropped_when_dsn_is_not_offered(fake_primary: Start) -> None:
     fake = await fake_primary(dsn=False)
 
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
     replies = await session.send(message(DSN_RECIPIENT, envid="QQ314159", ret="FULL"))
     await session.close()
 
@@ -356,7 +356,7 @@ async def test_opportunistic_tls_is_used_when_offered_without_checking_the_certi
 ) -> None:
     fake = await fake_primary(starttls=True)
 
-    session = await Session.open(fake.hop(), helo=HELO, tls="opportunistic")
+    session = await OutboundSession.open(fake.hop(), helo=HELO, tls="opportunistic")
     replies = await session.send(message("bob@example.org"))
     await session.close()
 
@@ -371,7 +371,7 @@ async def test_opportunistic_tls_falls_back_to_plain_text_once_when_the_handshak
 ) -> None:
     fake = await fake_primary(starttls_broken=True)
 
-    session = await Session.open(fake.hop(), helo=HELO, tls="opportunistic", timeout=5)
+    session = await OutboundSession.open(fake.hop(), helo=HELO, tls="opportunistic", timeout=5)
     replies = await session.send(message("bob@example.org"))
     await session.close()
 
@@ -395,7 +395,7 @@ async def test_require_tls_fails_temporarily_when_starttls_is_not_offered(
     fake = await fake_primary(starttls=False)
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(fake.hop(), helo=HELO, tls="require")
+        await OutboundSession.open(fake.hop(), helo=HELO, tls="require")
 
     assert raised.value.reply.code == 421
     assert raised.value.reply.text.startswith("4.7.0 ")
@@ -408,7 +408,7 @@ async def test_require_tls_fails_temporarily_without_plain_retry_when_handshake_
     fake = await fake_primary(starttls_broken=True)
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(fake.hop(), helo=HELO, tls="require", timeout=5)
+        await OutboundSession.open(fake.hop(), helo=HELO, tls="require", timeout=5)
 
     assert raised.value.reply.text.startswith("4.7.5 STARTTLS with primary.test[127.0.0.2]")
     assert not raised.value.permanent
@@ -418,7 +418,7 @@ async def test_require_tls_fails_temporarily_without_plain_retry_when_handshake_
 async def test_require_tls_accepts_an_unverifiable_certificate(fake_primary: Start) -> None:
     fake = await fake_primary(starttls=True)
 
-    session = await Session.open(fake.hop("some-other-name.test"), helo=HELO, tls="require")
+    session = await OutboundSession.open(fake.hop("some-other-name.test"), helo=HELO, tls="require")
     replies = await session.send(message("bob@example.org"))
     await session.close()
 
@@ -432,7 +432,9 @@ async def test_verify_tls_delivers_when_chain_and_hostname_check_out(
     fake = await fake_primary(starttls=True, hostname="primary.test")
     cafile = fake.write_ca(tmp_path / "ca.pem")
 
-    session = await Session.open(fake.hop("primary.test"), helo=HELO, tls="verify", cafile=cafile)
+    session = await OutboundSession.open(
+        fake.hop("primary.test"), helo=HELO, tls="verify", cafile=cafile
+    )
     replies = await session.send(message("bob@example.org"))
     await session.close()
 
@@ -447,7 +449,7 @@ async def test_verify_tls_fails_temporarily_on_a_hostname_mismatch(
     cafile = fake.write_ca(tmp_path / "ca.pem")
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(fake.hop("wrong.test"), helo=HELO, tls="verify", cafile=cafile)
+        await OutboundSession.open(fake.hop("wrong.test"), helo=HELO, tls="verify", cafile=cafile)
 
     assert raised.value.reply.code == 421
     assert raised.value.reply.text.startswith("4.7.5 ")
@@ -460,7 +462,7 @@ async def test_verify_tls_fails_temporarily_when_the_ca_is_unknown(fake_primary:
     fake = await fake_primary(starttls=True)
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(fake.hop(), helo=HELO, tls="verify")  # system store only
+        await OutboundSession.open(fake.hop(), helo=HELO, tls="verify")  # system store only
 
     assert raised.value.reply.text.startswith("4.7.5 ")
     assert "certificate verify failed" in raised.value.reply.text
@@ -475,7 +477,7 @@ async def test_connection_refused_is_a_temporary_session_error() -> None:
     hop = Hop("127.0.0.10", "127.0.0.10", port, preference=0)
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(hop, helo=HELO)
+        await OutboundSession.open(hop, helo=HELO)
 
     assert raised.value.reply == Reply(421, f"4.4.1 connection refused by 127.0.0.10:{port}")
     assert not raised.value.permanent
@@ -487,7 +489,7 @@ async def test_421_greeting_is_a_temporary_session_error_with_the_servers_words(
     fake = await fake_primary(greeting="421 4.3.2 primary.test too busy, try later")
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(fake.hop(), helo=HELO)
+        await OutboundSession.open(fake.hop(), helo=HELO)
 
     assert raised.value.reply == Reply(421, "4.3.2 primary.test too busy, try later")
     assert not raised.value.permanent
@@ -497,7 +499,7 @@ async def test_rejected_ehlo_is_a_session_error_with_its_permanence(fake_primary
     fake = await fake_primary(ehlo_reply="554 5.7.1 go away")
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(fake.hop(), helo=HELO)
+        await OutboundSession.open(fake.hop(), helo=HELO)
 
     assert raised.value.reply == Reply(554, "5.7.1 go away")
     assert raised.value.permanent
@@ -508,7 +510,7 @@ async def test_disconnect_during_data_is_a_session_error_never_a_2xx(
     fake_primary: Start, point: str
 ) -> None:
     fake = await fake_primary(disconnect=point)
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
 
     with pytest.raises(SessionError) as raised:
         await session.send(message("bob@example.org"))
@@ -529,7 +531,7 @@ async def test_server_that_stalls_before_the_session_opens_times_out(
     fake = await fake_primary(stall=point)
 
     with pytest.raises(SessionError) as raised:
-        await Session.open(fake.hop(), helo=HELO, timeout=QUICK)
+        await OutboundSession.open(fake.hop(), helo=HELO, timeout=QUICK)
 
     assert raised.value.reply.code == 421
     assert not raised.value.permanent
@@ -540,7 +542,7 @@ async def test_server_that_stalls_mid_transaction_times_out(
     fake_primary: Start, point: str
 ) -> None:
     fake = await fake_primary(stall=point)
-    session = await Session.open(fake.hop(), helo=HELO, timeout=QUICK)
+    session = await OutboundSession.open(fake.hop(), helo=HELO, timeout=QUICK)
 
     with pytest.raises(SessionError) as raised:
         await session.send(message("bob@example.org"))
@@ -553,7 +555,7 @@ async def test_server_that_stalls_mid_transaction_times_out(
 
 async def test_421_to_rcpt_breaks_the_session(fake_primary: Start) -> None:
     fake = await fake_primary(replies={"carol@example.org": "421 4.7.0 too many errors, bye"})
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
 
     with pytest.raises(SessionError) as raised:
         await session.send(message("bob@example.org", "carol@example.org"))
@@ -565,7 +567,7 @@ async def test_421_to_rcpt_breaks_the_session(fake_primary: Start) -> None:
 
 async def test_garbage_reply_is_a_temporary_session_error(fake_primary: Start) -> None:
     fake = await fake_primary(mail_reply="hello, I am not an SMTP server")
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
 
     with pytest.raises(SessionError) as raised:
         await session.send(message("bob@example.org"))
@@ -577,7 +579,7 @@ async def test_garbage_reply_is_a_temporary_session_error(fake_primary: Start) -
 
 async def test_close_never_raises_when_the_server_is_gone(fake_primary: Start) -> None:
     fake = await fake_primary()
-    session = await Session.open(fake.hop(), helo=HELO)
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
 
     await fake.stop()
     await session.close()

@@ -33,7 +33,8 @@ from conftest import (
 )
 from hostile import deliver, eventually, slots_free
 
-from relay.service import Relay, tls_context
+from relay.service import Relay
+from relay.tls import server_context as tls_context
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 _TLS_NOTE = re.compile(r"\(using (TLSv1\.[23]) with cipher [A-Za-z0-9_-]+ \((\d+)/\2 bits\)\)")

@@ -7,13 +7,15 @@ import secrets
 import threading
 import time
 
+from relay.envelope import split
+
 _CROCKFORD = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
 
 
 def address_key(address: str) -> str:
     """How a recipient is remembered: the local part as sent (RFC 5321 2.4: it may be
     case-sensitive), the domain in lower case."""
-    local, _, domain = address.rpartition("@")
+    local, domain = split(address)
     return f"{local}@{domain.lower()}"
 
 

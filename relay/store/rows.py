@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.envelope import domain_of
+
 # Message states (the operator's view) and recipient states (the delivery engine's view).
 QUEUED, HELD = "queued", "held"
 DELIVERED, FAILED = "delivered", "failed"
@@ -106,7 +108,7 @@ class NewRecipient:
 
     @property
     def domain(self) -> str:
-        return self.address.rpartition("@")[2].lower()
+        return domain_of(self.address)
 
 
 @dataclass(frozen=True)
