@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 import aiosmtplib
 
 from relay import tls
+from relay.adapters import aiosmtplib as smtplib_adapter
 from relay.envelope import hostport
 from relay.tls import TLS_MODES
 from relay.words import one_line
@@ -323,17 +324,13 @@ class OutboundSession:
             raise SessionError(Reply(421, f"4.4.2 connection to {self._where} lost after DATA"))
         # Written here, not with aiosmtplib's data(), which would turn bare CR/LF into CRLF.
         payload = _data_payload(body)
-        # aiosmtplib (5.x) throws away reply bytes that arrive while no reply is marked pending.
-        # A fast server answers the final dot while we still wait in the drain below, before
-        # read_response() marks one: mark it first, as aiosmtplib's own data() does, or that 250
-        # is lost and the session hangs until the timeout, then the message goes out twice.
-        protocol._response_pending = True
+        smtplib_adapter.expect_reply(protocol)
         with _translated("sending the message body", self._where):
             for offset in range(0, len(payload), _CHUNK):
                 protocol.write(payload[offset : offset + _CHUNK])
                 # Flow control, so that `timeout` bounds each stall of the transfer rather than
                 # the whole body (RFC 5321 4.5.3.2.5 times each data block, not the message).
-                await asyncio.wait_for(protocol._drain_helper(), self._timeout)
+                await smtplib_adapter.drain(protocol, self._timeout)
         with _translated("after end of data", self._where):
             response = await protocol.read_response(timeout=self._timeout)
         # The reply to the final dot ends the transaction, whatever its code (RFC 5321 4.1.1.4,

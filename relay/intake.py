@@ -11,7 +11,6 @@ Received trace header, and the rule that 250 follows only the durable commit of 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import ipaddress
 import logging
@@ -21,21 +20,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from email.utils import format_datetime
-from typing import Any, AnyStr
+from typing import Any
 
-from aiosmtpd.smtp import (
-    SMTP,
-    Envelope,
-    Session,
-    TLSSetupException,
-    login_always_fail,
-    syntax,
-)
+from aiosmtpd.smtp import Envelope, Session, syntax
 
 from relay import metrics
+from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
 from relay.config import Config
 from relay.limits import Limits, Refusal
 from relay.logs import fields
@@ -53,7 +44,6 @@ _XTEXT = re.compile(r"^[\x21-\x7e]{1,100}$")
 _ROUTING_CHARS = set("%!@")
 _DATA_CHUNK = 64 * 1024
 _TERMINATOR = b"\r\n.\r\n"
-_BOGUS_LIMIT = 5  # unknown commands before the session is closed (aiosmtpd's BOGUS_LIMIT)
 
 
 class Replies:
@@ -130,23 +120,6 @@ class RelayEnvelope(Envelope):
         self.eightbit = False
 
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-# `<dot-atom@domain>`: the address form of nearly all mail, fast-pathed in RelaySMTP._getaddr.
-_PLAIN_ANGLE_ADDR = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
-
-
-_PREFIXED: dict[tuple[type, str], tuple[str, ...]] = {}
-
-
-def _prefixed(cls: type, prefix: str) -> tuple[str, ...]:
-    """Names of cls's attributes that start with prefix, without it (aiosmtpd's dispatch)."""
-    names = _PREFIXED.get((cls, prefix))
-    if names is None:
-        names = tuple(name[len(prefix) :] for name in dir(cls) if name.startswith(prefix))
-        _PREFIXED[(cls, prefix)] = names
-    return names
-
-
 def _params(text: str) -> dict[str, str | None] | None:
     """ESMTP parameters as {UPPER-NAME: value-as-sent}, or None when malformed (RFC 5321 4.1.2)."""
     params: dict[str, str | None] = {}
@@ -158,8 +131,12 @@ def _params(text: str) -> dict[str, str | None] | None:
     return params
 
 
-class RelaySMTP(SMTP):
-    """The SMTP protocol as a backup MX speaks it. Parsing only; decisions go to the handler."""
+class RelaySMTP(SMTPProtocol):
+    """The SMTP verbs as a backup MX speaks them. Parsing only; decisions go to the handler.
+
+    The plumbing under them (set-up, command loop, timers, the line reader) is
+    relay.adapters.aiosmtpd's, the one place that touches aiosmtpd's private names.
+    """
 
     def __init__(
         self,
@@ -171,101 +148,21 @@ class RelaySMTP(SMTP):
         tls_context: ssl.SSLContext | None = None,
         timeout: float = 300.0,
     ) -> None:
-        """Sets up what aiosmtpd's own __init__ would, for the options the relay uses.
-
-        aiosmtpd's __init__ scans the protocol and the handler with inspect.getmembers and dir()
-        on every connection, to find AUTH mechanisms, handler hooks and SMTP verbs: about a
-        third of the CPU one short session costs. Those tables depend only on the classes, so
-        they are built once per class here. tests/test_intake.py checks that both ways set the
-        same attributes, so an aiosmtpd upgrade that adds one fails a test instead of a session.
-        """
-        # aiosmtpd sizes its line reader from line_length_limit and checks each ESMTP command
-        # against command_size_limits, a class-level dict defaulting to 512 octets: both must
-        # be ours, per instance, or a DSN RCPT with a long ORCPT (RFC 3461 allows 500 more
-        # octets) gets "500 Command line too long" whatever the config says.
-        limit = handler.config.smtp.max_line_length
-        self.line_length_limit = limit
-        self._refusal: str | None = None  # a connection turned away at connect gets only this
         self._reading_data = False
         self._buffered = 0  # DATA bytes held against smtp.max_inflight_bytes
-        self.__ident__ = ident
-        self.loop = asyncio.get_event_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=self.loop, limit=limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=self.loop,
-        )
-        self.event_handler = handler
         self.relay_handler = handler
-        self.data_size_limit = data_size_limit
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
-        self.command_size_limit = limit
-        self.command_size_limits: collections.defaultdict[str, int] = collections.defaultdict(
-            lambda: limit
+        super().__init__(
+            handler,
+            handler.aiosmtpd_hooks,
+            line_limit=handler.config.smtp.max_line_length,
+            hostname=hostname,
+            data_size_limit=data_size_limit,
+            ident=ident,
+            tls_context=tls_context,
+            timeout=timeout,
+            new_session=RelaySession,
+            new_envelope=RelayEnvelope,
         )
-        self.hostname = hostname
-        self.tls_context = tls_context
-        self.require_starttls = False
-        self._timeout_duration = timeout
-        self._timeout_handle: asyncio.TimerHandle | None = None
-        self._tls_handshake_okay = True
-        self._tls_protocol: Any = None
-        self._original_transport: asyncio.BaseTransport | None = None
-        self.session: Session | None = None
-        self.envelope: Envelope | None = None
-        self.transport: asyncio.BaseTransport | None = None
-        self._handler_coroutine: asyncio.Task[None] | None = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None
-        self._authenticator = None
-        self._auth_callback = login_always_fail
-        self._auth_required = False
-        self._auth_methods: dict[str, Any] = {}  # no AUTH on a backup MX: smtp_AUTH says 502
-        self._handle_hooks = handler.aiosmtpd_hooks
-        self._ehlo_hook_ver = None  # smtp_EHLO below is ours and calls no hook
-        self._smtp_verbs = frozenset(_prefixed(type(self), "smtp_"))
-        self._deadline = 0.0
-        self._enforce_call_limit = False
-
-    @property
-    def _smtp_methods(self) -> dict[str, Callable[[str | None], Awaitable[None]]]:
-        """aiosmtpd's verb table, which its HELP reads; our command loop uses _smtp_verbs."""
-        return {name: getattr(self, "smtp_" + name) for name in self._smtp_verbs}
-
-    @_smtp_methods.setter
-    def _smtp_methods(self, table: dict[str, Any]) -> None:
-        self._smtp_verbs = frozenset(table)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """The address of a MAIL or RCPT argument and the text after it.
-
-        Nearly every client sends a plain `<local@domain>`; that form is taken apart by one
-        regular expression. Anything else (quoted local parts, source routes, `<>`, stray
-        spaces) goes through the RFC 5322 parser as in aiosmtpd, which gives the same answer
-        for the plain form (tests/test_intake.py checks that with generated addresses).
-        """
-        match = _PLAIN_ANGLE_ADDR.match(arg)
-        if match is not None:
-            rest = arg[match.end() :].lstrip(" \t")  # the parser takes the blanks after ">"
-            if not rest.startswith("("):  # but also a comment, which it alone knows how to skip
-                return match.group(1), rest
-        parsed: Any
-        try:
-            if arg.lstrip().startswith("<"):
-                parsed, rest = get_angle_addr(arg)
-            else:
-                parsed, rest = get_addr_spec(arg)
-        except HeaderParseError:
-            return None, None
-        try:
-            return str(parsed.addr_spec), str(rest)
-        except IndexError:
-            return None, None
-
-    def _create_session(self) -> RelaySession:
-        return RelaySession(self.loop)
 
     # Typed views of aiosmtpd's session and envelope attributes.
     def relay_session(self) -> RelaySession:
@@ -276,169 +173,38 @@ class RelaySMTP(SMTP):
         assert isinstance(self.envelope, RelayEnvelope)
         return self.envelope
 
-    def _reset_state(self) -> None:
-        self._set_rset_state()  # type: ignore[no-untyped-call]
+    def opened(self) -> str | None:
+        return self.relay_handler.connection_opened(self.relay_session())
 
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def secured(self, previous: Session) -> None:
+        assert isinstance(previous, RelaySession)
+        self.relay_handler.connection_secured(previous, self.relay_session())
 
-    def _create_envelope(self) -> RelayEnvelope:
-        return RelayEnvelope()
+    def closed(self, session: Session) -> None:
+        if isinstance(session, RelaySession) and not session.closed:
+            session.closed = True
+            self.relay_handler.connection_closed(session)
 
-    @property
-    def max_command_size_limit(self) -> int:
-        return int(self.command_size_limit)
+    async def internal_error(self, error: Exception) -> str:
+        return await self.relay_handler.handle_exception(error)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        previous = self.session if isinstance(self.session, RelaySession) else None
-        super().connection_made(transport)
-        if previous is None:
-            self._refusal = self.relay_handler.connection_opened(self.relay_session())
-        else:
-            self.relay_handler.connection_secured(previous, self.relay_session())
-
-    async def _handle_client(self) -> None:
-        """The command loop: aiosmtpd's, less what the relay never enables.
-
-        No PROXY protocol, per-command call limits or require_starttls, and no per-command
-        logging (aiosmtpd builds each debug line's arguments even when debug is off). What is
-        left runs for every command of every session, so it is kept short.
-        """
-        if self._refusal is not None:
-            await self.push(self._refusal)  # instead of the banner (RFC 5321 3.1)
-            self._close()
-            return
-        await self.push(f"220 {self.hostname} {self.__ident__}")
-        bogus_budget = _BOGUS_LIMIT
-        reader = self._reader
-        while self.transport is not None:
-            try:
-                try:
-                    line: bytes = await reader.readuntil()
-                except asyncio.LimitOverrunError as error:
-                    await self._skip_long_line(error.consumed)
-                    continue
-                line = line.rstrip(b"\r\n")
-                command_bytes, _, arg_bytes = line.partition(b" ")
-                try:
-                    command = command_bytes.upper().decode("ascii")
-                except UnicodeDecodeError:
-                    command = ""
-                if not command:
-                    await self.push("500 Error: bad syntax")
-                    continue
-                # The argument may be UTF-8 (SMTPUTF8) or stray 8-bit: surrogateescape keeps
-                # the original bytes recoverable, as in aiosmtpd.
-                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
-                if len(line) > self.command_size_limit:
-                    await self._line_too_long()
-                    continue
-                if not self._tls_handshake_okay and command != "QUIT":
-                    await self.push("554 Command refused due to lack of security")
-                    continue
-                if command not in self._smtp_verbs:
-                    bogus_budget -= 1
-                    if bogus_budget < 1:
-                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
-                        self._close()
-                        continue
-                    await self.push(f'500 Error: command "{command}" not recognized')
-                    continue
-                self._reset_timeout()
-                await getattr(self, "smtp_" + command)(arg)
-            except (asyncio.CancelledError, ConnectionResetError):
-                self._writer.close()
-                raise
-            except TLSSetupException as error:
-                # The handshake failed half-way: nothing can be said on this connection.
-                if self.transport is not None:
-                    self.transport.close()
-                self.connection_lost(error)
-            except Exception as error:
-                await self.push(await self.relay_handler.handle_exception(error))
-
-    async def _skip_long_line(self, consumed: int) -> None:
-        """Reads past an overlong command line, then says so (aiosmtpd's behaviour)."""
-        await self._reader.read(consumed)
-        while True:
-            try:
-                await self._reader.readuntil()
-                break
-            except asyncio.LimitOverrunError as error:
-                await self._reader.read(error.consumed)
-        await self._line_too_long()
-
-    async def _line_too_long(self) -> None:
+    def line_too_long(self) -> str:
         metrics.messages_rejected.labels("line_too_long").inc()
-        await self.push(Replies.LINE_TOO_LONG)
+        return Replies.LINE_TOO_LONG
 
-    async def push(self, status: AnyStr) -> None:
-        await self.push_lines(status)
-
-    async def push_lines(self, *lines: AnyStr) -> None:
-        """Sends one reply, or the lines of a multi-line one, in a single write."""
-        data = b"".join(
-            (line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n" for line in lines
-        )
-        self._writer.write(data)
-        await self._writer.drain()
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """Moves the idle deadline; the timer itself is rescheduled only when it fires.
-
-        Every command moves the deadline. aiosmtpd cancels and re-creates a timer each time;
-        here a timer that fires before the deadline just sets itself again, which costs one
-        timer per timeout period instead of one per command.
-        """
-        loop = self.loop
-        self._deadline = loop.time() + (duration or self._timeout_duration)
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > self._deadline:
-            if handle is not None:
-                handle.cancel()
-            self._timeout_handle = loop.call_at(self._deadline, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        if self.loop.time() < self._deadline:
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
-            return
-        self._timeout_cb()
-
-    def _timeout_cb(self) -> None:
+    def timed_out(self) -> str:
         """RFC 5321 4.5.3.2: say why before closing, and count it."""
         reason = "data_timeout" if self._reading_data else "command_timeout"
         metrics.messages_rejected.labels(reason).inc()
         log.info("%s from [%s]", reason.replace("_", " "), self.relay_session().client_ip)
-        if self.transport is not None and not self.transport.is_closing():
-            line = Replies.TIMEOUT.format(host=self.hostname) + "\r\n"
-            self.transport.write(line.encode())  # type: ignore[attr-defined]
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
-
-    def eof_received(self) -> bool:
-        """The client closed its side of the connection: close ours.
-
-        aiosmtpd cancels the command loop here and keeps the connection half-open. When the
-        close arrives before that loop has run once (a port probe: connect, then close), the
-        loop never gets to close the transport, and the session would hold its connection slot
-        until the command timeout. Nothing more can be read, so there is nothing to wait for.
-        """
-        super().eof_received()
-        return False
-
-    def connection_lost(self, error: Exception | None) -> None:
-        session = self.session
-        if isinstance(session, RelaySession) and not session.closed:
-            session.closed = True
-            self.relay_handler.connection_closed(session)
-        super().connection_lost(error)
+        return Replies.TIMEOUT.format(host=self.hostname)
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str | None) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._reset_state()
+        self.reset_transaction()
         self.relay_session().extended_smtp = True
         self.relay_session().host_name = hostname
         lines = [
@@ -451,7 +217,7 @@ class RelaySMTP(SMTP):
             "DSN",
         ]
         lines += self.relay_handler.extra_extensions(self.relay_session())
-        if self.tls_context and not self._tls_protocol:
+        if self.tls_context and not self.tls_active:
             lines.append("STARTTLS")
         lines.append("HELP")
         await self.push_lines(*[f"250-{line}" for line in lines[:-1]], f"250 {lines[-1]}")
@@ -483,7 +249,7 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
             return
-        self._reset_state()
+        self.reset_transaction()
         await self.push(Replies.RSET_OK)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
@@ -497,18 +263,18 @@ class RelaySMTP(SMTP):
             return Replies.NESTED_MAIL
         # A fresh envelope: parameters of an earlier MAIL that was refused (SMTPUTF8, RET,
         # ENVID, BODY) must not carry over into this transaction.
-        self._reset_state()
+        self.reset_transaction()
         envelope = self.relay_envelope()
-        rest = self._strip_command_keyword("FROM:", arg or "")
+        rest = self.strip_keyword("FROM:", arg or "")
         if not rest:
             return Replies.MAIL_SYNTAX
-        address, param_text = self._getaddr(rest)
+        address, param_text = parse_address(rest)
         if address is None:
             return Replies.BAD_ADDRESS
         params = _params(param_text or "")
         if params is None or (params and not self.relay_session().extended_smtp):
             return Replies.MAIL_SYNTAX
-        if (problem := self._take_mail_params(params, envelope)) is not None:
+        if (problem := _take_mail_params(params, envelope, self.data_size_limit)) is not None:
             return problem
         sender = "" if address == "<>" else address
         if not _valid_utf8(sender):
@@ -520,36 +286,6 @@ class RelaySMTP(SMTP):
             envelope.mail_from = sender
         return reply
 
-    def _take_mail_params(
-        self, params: dict[str, str | None], envelope: RelayEnvelope
-    ) -> str | None:
-        for name, value in params.items():
-            if name == "SIZE":
-                if value is None or not value.isdigit():
-                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
-                if self.data_size_limit and int(value) > self.data_size_limit:
-                    metrics.messages_rejected.labels("too_big").inc()
-                    return Replies.TOO_BIG
-            elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
-                envelope.eightbit = value.upper() == "8BITMIME"
-            elif name == "SMTPUTF8":
-                if value is not None:
-                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
-                envelope.smtp_utf8 = True
-            elif name == "RET":
-                if value is None or value.upper() not in ("FULL", "HDRS"):
-                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
-                envelope.ret = value.upper()
-            elif name == "ENVID":
-                if value is None or not _XTEXT.match(value):
-                    return Replies.BAD_PARAMETER_VALUE.format(name=name)
-                envelope.envid = value
-            else:
-                return Replies.BAD_PARAMETER.format(name=name)
-        return None
-
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         await self._answer(await self._rcpt(arg))
@@ -558,7 +294,7 @@ class RelaySMTP(SMTP):
         """Writes a verb's reply; a 421 also ends the session (RFC 5321 3.8)."""
         await self.push(reply)
         if reply.startswith("421"):
-            self._close()
+            self.close()
 
     async def _rcpt(self, arg: str | None) -> str:
         """RCPT as a sequence of checks, each a reply or nothing; the handler decides last."""
@@ -579,10 +315,10 @@ class RelaySMTP(SMTP):
 
     def _parse_rcpt(self, arg: str) -> NewRecipient | str:
         """The recipient and its DSN parameters (RFC 3461 4), or the syntax error's reply."""
-        rest = self._strip_command_keyword("TO:", arg)
+        rest = self.strip_keyword("TO:", arg)
         if not rest:
             return Replies.RCPT_SYNTAX
-        address, param_text = self._getaddr(rest)
+        address, param_text = parse_address(rest)
         if not address or address == "<>" or not _valid_utf8(address):
             return Replies.BAD_ADDRESS
         params = _params(param_text or "")
@@ -619,7 +355,7 @@ class RelaySMTP(SMTP):
             content = await self._read_data()
             self._reading_data = False
             envelope = self.relay_envelope()
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self.end_transaction()
             if isinstance(content, str):
                 await self.push(content)
                 return
@@ -639,15 +375,8 @@ class RelaySMTP(SMTP):
         The bytes are kept exactly as sent, apart from undoing dot-stuffing (RFC 5321 4.5.2).
         A line ends only at CRLF: a bare LF or CR is content, as in aiosmtpd's own reader.
         """
-        # The reader's limit is the command line length, and asyncio also stops reading the
-        # socket whenever twice that is buffered: during DATA that would mean an epoll change
-        # every few kilobytes. While the body streams in, let a chunk's worth gather instead.
-        reader: Any = self._reader
-        line_limit, reader._limit = reader._limit, _DATA_CHUNK
-        try:
+        with self.wide_reads(_DATA_CHUNK):
             return await self._read_body()
-        finally:
-            reader._limit = line_limit
 
     async def _read_body(self) -> bytes | str:
         limit = self.data_size_limit or 0
@@ -659,8 +388,8 @@ class RelaySMTP(SMTP):
         searched_to = 0
         over_budget = False
         while True:
-            self._reset_timeout(timeout)
-            chunk = await self._reader.read(_DATA_CHUNK)
+            self.refresh_deadline(timeout)
+            chunk = await self.read_chunk(_DATA_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             received += len(chunk)
@@ -670,7 +399,7 @@ class RelaySMTP(SMTP):
             buffer += chunk
             end = buffer.find(_TERMINATOR, searched_to)
             if end >= 0:
-                self._unread(bytes(buffer[end + len(_TERMINATOR) :]))
+                self.unread(bytes(buffer[end + len(_TERMINATOR) :]))
                 del buffer[end + 2 :]
                 break
             searched_to = max(0, len(buffer) - len(_TERMINATOR) + 1)
@@ -684,7 +413,7 @@ class RelaySMTP(SMTP):
                 del buffer[:cut]
                 discarded += cut
                 searched_to = 0
-        self._reset_timeout()
+        self.refresh_deadline()
         if over_budget:
             return self.relay_handler.over_budget(self.relay_session())
         if limit and (discarded or end > limit):
@@ -692,14 +421,37 @@ class RelaySMTP(SMTP):
             return Replies.TOO_BIG
         return bytes(buffer).replace(b"\r\n.", b"\r\n")[2:]
 
-    def _unread(self, data: bytes) -> None:
-        """Gives back what a pipelining client sent after the final dot (e.g. QUIT).
 
-        asyncio.StreamReader has no unread(); its buffer is a bytearray that aiosmtpd itself
-        manipulates (STARTTLS), so prepending there is the least surprising way.
-        """
-        if data:
-            self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
+def _take_mail_params(
+    params: dict[str, str | None], envelope: RelayEnvelope, size_limit: int | None
+) -> str | None:
+    """MAIL's ESMTP parameters onto the envelope; the reply refusing the first bad one."""
+    for name, value in params.items():
+        if name == "SIZE":
+            if value is None or not value.isdigit():
+                return Replies.BAD_PARAMETER_VALUE.format(name=name)
+            if size_limit and int(value) > size_limit:
+                metrics.messages_rejected.labels("too_big").inc()
+                return Replies.TOO_BIG
+        elif name == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return Replies.BAD_PARAMETER_VALUE.format(name=name)
+            envelope.eightbit = value.upper() == "8BITMIME"
+        elif name == "SMTPUTF8":
+            if value is not None:
+                return Replies.BAD_PARAMETER_VALUE.format(name=name)
+            envelope.smtp_utf8 = True
+        elif name == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return Replies.BAD_PARAMETER_VALUE.format(name=name)
+            envelope.ret = value.upper()
+        elif name == "ENVID":
+            if value is None or not _XTEXT.match(value):
+                return Replies.BAD_PARAMETER_VALUE.format(name=name)
+            envelope.envid = value
+        else:
+            return Replies.BAD_PARAMETER.format(name=name)
+    return None
 
 
 def received_header(
@@ -820,7 +572,7 @@ class IntakeHandler:
     @functools.cached_property
     def aiosmtpd_hooks(self) -> dict[str, Callable[..., Any]]:
         """aiosmtpd's `handle_*` hook table, built once rather than once per connection."""
-        return {name: getattr(self, "handle_" + name) for name in _prefixed(type(self), "handle_")}
+        return {name: getattr(self, "handle_" + name) for name in prefixed(type(self), "handle_")}
 
     def connection_opened(self, session: RelaySession) -> str | None:
         """Counts the connection; a reply to send instead of the banner when it is refused."""
