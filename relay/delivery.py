@@ -35,26 +35,18 @@ from relay.courier import (
     first_answer,
 )
 from relay.health import DestinationHealth
-from relay.logs import fields
 from relay.mx import Hop, RouteError, Router
 from relay.outcomes import (
-    OPERATOR_BOUNCE,
     backoff,
-    expiry_reply,
-    log_outcomes,
-    notices,
     outcome_for,
-    plan,
     suspended_reply,
 )
+from relay.recording import InFlight, Recorder
 from relay.store import (
     DELIVERED,
     FAILED,
-    HELD,
-    QUEUED,
     AsyncStore,
     MessageRow,
-    NewMessage,
     Outcome,
     RecipientRow,
     StorageError,
@@ -91,6 +83,29 @@ class Destination:
         default_factory=asyncio.Queue
     )
 
+    def take_all(self) -> list[tuple[MessageRow, tuple[RecipientRow, ...]]]:
+        """Empties the queue of mail waiting for a session, for deferring or dropping it."""
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
+
+    def count(self, reply: Reply, ceiling: int) -> bool:
+        """Counts one reply: RAMP_STEP 2xx in a row earn one more session (up to `ceiling`).
+        True when it says the destination is down: a 421, or DOWN_AFTER_4XX 4xx in a row."""
+        if 200 <= reply.code < 300:
+            self.streak_4xx = 0
+            self.streak_2xx += 1
+            if self.streak_2xx >= RAMP_STEP:
+                self.streak_2xx = 0
+                self.limit = min(self.limit + 1, ceiling)
+            return False
+        if reply.permanent:
+            return False
+        self.streak_2xx = 0
+        self.streak_4xx += 1
+        return reply.code == 421 or self.streak_4xx >= DOWN_AFTER_4XX
+
 
 @dataclass
 class Scheduler:
@@ -111,9 +126,15 @@ class Scheduler:
 
     def __post_init__(self) -> None:
         self.destinations: dict[str, Destination] = {}
-        self.inflight: dict[str, int] = defaultdict(int)
+        self.inflight = InFlight()
         self.wake = asyncio.Event()
-        self._routes: dict[str, tuple[float, list[Hop]]] = {}
+        # Through a lambda, so that replacing `connect` later (tests) reaches the opener.
+        self.opener = SessionOpener(
+            self.router,
+            self.get_config,
+            lambda hop, **options: self.connect(hop, **options),
+            self.clock,
+        )
         self._sessions = asyncio.Semaphore(self.config.delivery.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._own_health = self.health is None
@@ -123,18 +144,14 @@ class Scheduler:
         self.up.on_recovery.append(self._recovered)
         self._stopping = False
         self._writes: set[asyncio.Task[None]] = set()
-        # Outcomes the queue could not record (disk full, I/O error): kept here, their messages
-        # pinned in flight, and written again before any new attempt. Until then nothing is
-        # delivered, so a storage fault costs at most one extra copy, never a loop of them.
-        self._unrecorded: list[_Unrecorded] = []
+        self.recorder = Recorder(
+            self.store, self.get_config, self.inflight, self.wake.set, self._retry_at
+        )
 
     @property
     def blocked(self) -> str | None:
         """Why delivery is stopped (outcomes not yet recorded), for /healthz; None if it runs."""
-        if not self._unrecorded:
-            return None
-        count = sum(len(u.message_ids) for u in self._unrecorded)
-        return f"delivery stopped: outcomes of {plural(count, 'message')} not yet recorded"
+        return self.recorder.blocked
 
     @property
     def config(self) -> Config:
@@ -194,13 +211,13 @@ class Scheduler:
         return self.destinations[name]
 
     async def tick(self) -> None:
-        if not await self._record_unrecorded():
+        if not await self.recorder.record_unrecorded():
             return  # the queue still refuses the kept outcomes: deliver nothing new
         now = self.clock()
         due = await self.store.run(lambda s: s.due(now, self.batch, exclude=self.inflight))
         work: dict[str, list[tuple[MessageRow, tuple[RecipientRow, ...]]]] = defaultdict(list)
         for message in due:
-            if await self._settle_without_delivery(message, now):
+            if await self.recorder.settle_without_delivery(message, now):
                 continue
             by_domain: dict[str, list[RecipientRow]] = defaultdict(list)
             for recipient in message.pending:
@@ -211,28 +228,6 @@ class Scheduler:
         for domain, items in work.items():
             await self._dispatch(domain, items, now)
 
-    async def _settle_without_delivery(self, message: MessageRow, now: float) -> bool:
-        """Operator bounces and lifetime expiry: decided here, without a connection."""
-        bounced = [r for r in message.pending if r.bounce_requested]
-        if bounced:
-            outcomes = [Outcome(r.address, FAILED, OPERATOR_BOUNCE) for r in bounced]
-            await self._finish(message, outcomes, now)
-            return len(bounced) == len(message.pending)
-        if now - message.received_at < self.config.queue.lifetime:
-            return False
-        if self.config.queue.on_expiry == "hold":
-            log.warning(
-                "%s: lifetime exceeded, held for the operator",
-                message.id,
-                extra=fields(queue_id=message.id, event="held", reason="lifetime exceeded"),
-            )
-            await self.store.run(lambda s: s.set_state(message.id, HELD))
-            return True
-        outcomes = [Outcome(r.address, FAILED, expiry_reply(r.last_reply)) for r in message.pending]
-        log.info("%s: lifetime exceeded, bouncing", message.id)
-        await self._finish(message, outcomes, now)
-        return True
-
     async def _dispatch(
         self, domain: str, items: list[tuple[MessageRow, tuple[RecipientRow, ...]]], now: float
     ) -> None:
@@ -240,10 +235,10 @@ class Scheduler:
         if self.up.is_down(domain):
             # Suspended: the probe owns recovery. Push the due mail on by its backoff.
             reply = suspended_reply(self.up.get(domain).last_error)
-            await self._defer_many(items, reply, now, host="")
+            await self.recorder.defer_many(items, reply, now, host="")
             return
         for message, recipients in items:
-            self.inflight[message.id] += 1
+            self.inflight.take(message.id)
             dest.queue.put_nowait((message, recipients))
         self._start_sessions(dest)
 
@@ -253,41 +248,6 @@ class Scheduler:
             task = asyncio.create_task(self._session_worker(dest))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    # -- routing --------------------------------------------------------------------------
-
-    async def _route(self, domain: str) -> list[Hop]:
-        cached = self._routes.get(domain)
-        now = self.clock()
-        if cached and now - cached[0] < ROUTE_CACHE_SECONDS:
-            return cached[1]
-        settings = self.config.domain(domain)
-        hops = await self.router.hops(domain, settings.primary if settings else ())
-        self._routes[domain] = (now, hops)
-        return hops
-
-    def _tls_mode(self, domain: str) -> str:
-        settings = self.config.domain(domain)
-        return settings.tls if settings else "opportunistic"
-
-    async def _open(self, domain: str, hops: Sequence[Hop]) -> tuple[OutboundSession, Hop]:
-        """The first hop that takes a session; raises the last SessionError when none does."""
-        cfg = self.config
-
-        async def connect(hop: Hop) -> tuple[OutboundSession, Hop]:
-            session = await self.connect(
-                hop,
-                helo=cfg.hostname,
-                tls=self._tls_mode(domain),
-                cafile=cfg.delivery.cafile or None,
-                timeout=cfg.delivery.timeout,
-            )
-            return session, hop
-
-        def failed(hop: Hop, exc: SessionError) -> None:
-            log.info("%s: %s [%s]:%d: %s", domain, hop.host, hop.address, hop.port, exc.reply)
-
-        return await first_answer(hops, connect, on_failure=failed)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -308,7 +268,9 @@ class Scheduler:
         hop: Hop | None = None
         try:
             while (
-                not dest.queue.empty() and not self.up.is_down(dest.name) and not self._unrecorded
+                not dest.queue.empty()
+                and not self.up.is_down(dest.name)
+                and not self.recorder.stopped
             ):
                 message, recipients = dest.queue.get_nowait()
                 if dest.queue.qsize() == REFILL_AT:
@@ -317,7 +279,7 @@ class Scheduler:
                     self.wake.set()
                 try:
                     if session is None:
-                        session, hop = await self._connect_for(dest)
+                        session, hop = await self.opener.open(dest.name)
                     await self._deliver(dest, session, hop, message, recipients)
                 except _RouteFailed as failed:
                     await self._fail_route(dest, message, recipients, failed)
@@ -332,34 +294,17 @@ class Scheduler:
                             await session.close()
                     session = None
                 finally:
-                    self._release(message.id)
+                    self.inflight.release(message.id)
         finally:
             if session is not None:
                 await session.close()
             if self.up.is_down(dest.name):
                 await self._defer_queued(dest)
-            elif self._unrecorded:
-                self._drop_queued(dest)
-
-    def _drop_queued(self, dest: Destination) -> None:
-        """Recording is failing: what waits for a session goes back to the queue, untried.
-
-        Nothing was sent for it, so nothing needs writing; it is due again once the queue
-        takes writes and the pending outcomes are recorded.
-        """
-        while not dest.queue.empty():
-            message, _ = dest.queue.get_nowait()
-            self._release(message.id)
-
-    async def _connect_for(self, dest: Destination) -> tuple[OutboundSession, Hop]:
-        try:
-            hops = await self._route(dest.name)
-        except RouteError as exc:
-            raise _RouteFailed(exc) from exc
-        try:
-            return await self._open(dest.name, hops)
-        except SessionError as exc:
-            raise _RouteFailed(exc) from exc
+            elif self.recorder.stopped:
+                # Recording is failing: what waits for a session goes back to the queue,
+                # untried; it is due again once the pending outcomes are recorded.
+                for message, _ in dest.take_all():
+                    self.inflight.release(message.id)
 
     async def _deliver(
         self,
@@ -393,7 +338,7 @@ class Scheduler:
             for outcome in outcomes:
                 if outcome.state == DELIVERED:
                     self.learn(outcome.address)
-        await self._finish(message, outcomes, now, body=body)
+        await self.recorder.finish(message, outcomes, now, body=body)
 
     def _outcome(self, recipient: RecipientRow, reply: Reply, now: float, host: str) -> Outcome:
         retry_at = self._retry_at(recipient, now)
@@ -403,19 +348,12 @@ class Scheduler:
 
     def _observe(self, dest: Destination, replies: Sequence[Reply], now: float) -> None:
         """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
+        ceiling = self.config.delivery.per_host_concurrency
         for reply in replies:
             if 200 <= reply.code < 300:
-                dest.streak_4xx = 0
-                dest.streak_2xx += 1
                 self.up.succeeded(dest.name, now)
-                if dest.streak_2xx >= RAMP_STEP:
-                    dest.streak_2xx = 0
-                    dest.limit = min(dest.limit + 1, self.config.delivery.per_host_concurrency)
-            elif not reply.permanent:
-                dest.streak_2xx = 0
-                dest.streak_4xx += 1
-                if reply.code == 421 or dest.streak_4xx >= DOWN_AFTER_4XX:
-                    self._mark_down(dest, str(reply), now)
+            if dest.count(reply, ceiling):
+                self._mark_down(dest, str(reply), now)
 
     async def _session_broke(
         self,
@@ -427,7 +365,9 @@ class Scheduler:
     ) -> None:
         log.info("%s: session to %s broke: %s", message.id, hop.host if hop else "?", exc.reply)
         now = self.clock()
-        await self._defer(message, recipients, str(exc.reply), now, host=hop.host if hop else "")
+        await self.recorder.defer(
+            message, recipients, str(exc.reply), now, host=hop.host if hop else ""
+        )
         dest.streak_4xx += 1
         if exc.reply.code == 421 or dest.streak_4xx >= DOWN_AFTER_4XX:
             self._mark_down(dest, str(exc.reply), now)
@@ -446,29 +386,22 @@ class Scheduler:
             text = f"{'550 5.1.2' if reason.permanent else '451 4.4.3'} {reason}"
             if reason.permanent:
                 outcomes = [Outcome(r.address, FAILED, text) for r in recipients]
-                await self._finish(message, outcomes, now)
+                await self.recorder.finish(message, outcomes, now)
                 return
         else:
             text = str(reason.reply)
         self._mark_down(dest, text, now)
-        await self._defer(message, recipients, text, now, host="")
+        await self.recorder.defer(message, recipients, text, now, host="")
 
     async def _defer_queued(self, dest: Destination) -> None:
         """The destination went down: everything still waiting for it is deferred now."""
         reply = suspended_reply(self.up.get(dest.name).last_error)
-        items = []
-        while not dest.queue.empty():
-            items.append(dest.queue.get_nowait())
+        items = dest.take_all()
         try:
-            await self._defer_many(items, reply, self.clock(), host="")
+            await self.recorder.defer_many(items, reply, self.clock(), host="")
         finally:
             for message, _ in items:
-                self._release(message.id)
-
-    def _release(self, message_id: str) -> None:
-        self.inflight[message_id] -= 1
-        if self.inflight[message_id] <= 0:
-            del self.inflight[message_id]
+                self.inflight.release(message.id)
 
     # -- up and down ------------------------------------------------------------------------
 
@@ -494,58 +427,6 @@ class Scheduler:
             log.info("%s: primary answers again; %s due now", domain, due)
         self.wake.set()
 
-    def forget_routes(self) -> None:
-        """The router changed (SIGHUP): routes looked up with the old one are not reused."""
-        self._routes.clear()
-
-    async def flush_domain(self, domain: str) -> int:
-        """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
-        now = self.clock()
-        self.destination(domain).flushed_at = now
-        count = await self.store.run(lambda s: s.reschedule(domain, now))
-        self.up.probe_soon(domain)  # down: ask now; its answer releases the mail
-        self.wake.set()
-        return int(count)
-
-    # -- recording ------------------------------------------------------------------------
-
-    async def _defer(
-        self,
-        message: MessageRow,
-        recipients: Sequence[RecipientRow],
-        reply: str,
-        now: float,
-        host: str,
-    ) -> None:
-        await self._defer_many([(message, tuple(recipients))], reply, now, host)
-
-    async def _defer_many(
-        self,
-        items: Sequence[tuple[MessageRow, tuple[RecipientRow, ...]]],
-        reply: str,
-        now: float,
-        host: str,
-    ) -> None:
-        """Defers many messages in one transaction (a destination just went down).
-
-        One write for the lot also keeps the order of events in the store: a recovery that
-        reschedules the destination afterwards cannot be overtaken by a late deferral.
-        """
-        await self._finish_many(
-            [
-                (
-                    message,
-                    [
-                        Outcome(r.address, QUEUED, reply, host, self._retry_at(r, now))
-                        for r in recipients
-                    ],
-                    None,
-                )
-                for message, recipients in items
-            ],
-            now,
-        )
-
     def _retry_at(self, recipient: RecipientRow, decided_at: float) -> float:
         """When a deferred recipient is due again: after its backoff, or at once when its
         destination was flushed (recovery, ETRN) after the deferral was decided, so that a
@@ -556,99 +437,80 @@ class Scheduler:
         retry = self.config.retry
         return decided_at + backoff(recipient.attempts + 1, retry.min, retry.max, self.rng)
 
-    async def _finish(
-        self,
-        message: MessageRow,
-        outcomes: Sequence[Outcome],
-        now: float,
-        body: bytes | None = None,
-    ) -> None:
-        await self._finish_many([(message, outcomes, body)], now)
+    def forget_routes(self) -> None:
+        """The router changed (SIGHUP): routes looked up with the old one are not reused."""
+        self.opener.forget_routes()
 
-    async def _finish_many(
-        self,
-        batch: Sequence[tuple[MessageRow, Sequence[Outcome], bytes | None]],
-        now: float,
-    ) -> None:
-        """Records outcomes and any DSN they call for, in one transaction."""
-        if not batch:
-            return
-        plans = [
-            plan(self.config, message, outcomes, body, now) for message, outcomes, body in batch
-        ]
-        missing = [p.message.id for p in plans if p.needs_body]
-        bodies: dict[str, bytes | None] = {}
-        if missing:
-            bodies = await self.store.run(lambda s: {i: s.body(i) for i in missing})
-        owed: list[NewMessage] = []
-        for p in plans:
-            data = p.body if p.body is not None else bodies.get(p.message.id)
-            delayed = p.deferred if p.warn else []
-            owed += notices(self.config, p.message, p.failed, delayed, data or b"", now)
-        warned = [p.message.id for p in plans if p.warn]
+    async def flush_domain(self, domain: str) -> int:
+        """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
+        now = self.clock()
+        self.destination(domain).flushed_at = now
+        count = await self.store.run(lambda s: s.reschedule(domain, now))
+        self.up.probe_soon(domain)  # down: ask now; its answer releases the mail
+        self.wake.set()
+        return int(count)
 
-        def write(store: Store) -> list[bool]:
-            for notice in owed:
-                store.insert(notice)
-            for message_id in warned:
-                store.mark_warned(message_id)
-            return [store.record(p.message.id, p.outcomes) for p in plans]
 
-        def after(done: list[bool]) -> None:
-            for p, removed in zip(plans, done, strict=True):
-                log_outcomes(p.message, p.outcomes, removed, now)
-            if owed:
-                metrics.bounces.inc(len(owed))
-                self.wake.set()
+@dataclass
+class SessionOpener:
+    """A session to a destination: its hops (cached for ROUTE_CACHE_SECONDS), tried in order."""
 
-        pending = _Unrecorded(write, after, tuple(p.message.id for p in plans))
+    router: Router
+    get_config: Callable[[], Config]
+    connect: Connector
+    clock: Callable[[], float]
+    _routes: dict[str, tuple[float, list[Hop]]] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Config:
+        return self.get_config()
+
+    def forget_routes(self) -> None:
+        self._routes.clear()
+
+    async def open(self, domain: str) -> tuple[OutboundSession, Hop]:
+        """The first hop that takes a session; _RouteFailed when routing or every hop fails."""
         try:
-            done = await self.store.run(write)
-        except StorageError as exc:
-            if owed or not all(p.sends_nothing for p in plans):
-                self._keep_unrecorded(pending, exc)
-            else:
-                # Only deferrals: nothing was sent and no DSN made, so losing the write costs
-                # no copy; the mail is simply due again at its old time.
-                log.warning("deferral not recorded: %s", exc)
-            return
-        after(done)
+            hops = await self._route(domain)
+        except RouteError as exc:
+            raise _RouteFailed(exc) from exc
+        try:
+            return await self._open(domain, hops)
+        except SessionError as exc:
+            raise _RouteFailed(exc) from exc
 
-    def _keep_unrecorded(self, pending: _Unrecorded, exc: StorageError) -> None:
-        if not self._unrecorded:
-            log.error(
-                "queue write failed, delivery stopped until it can be written: %s"
-                " (outcomes kept in memory, written before any new attempt)",
-                exc,
+    async def _route(self, domain: str) -> list[Hop]:
+        cached = self._routes.get(domain)
+        now = self.clock()
+        if cached and now - cached[0] < ROUTE_CACHE_SECONDS:
+            return cached[1]
+        settings = self.config.domain(domain)
+        hops = await self.router.hops(domain, settings.primary if settings else ())
+        self._routes[domain] = (now, hops)
+        return hops
+
+    def _tls_mode(self, domain: str) -> str:
+        settings = self.config.domain(domain)
+        return settings.tls if settings else "opportunistic"
+
+    async def _open(self, domain: str, hops: Sequence[Hop]) -> tuple[OutboundSession, Hop]:
+        """The first hop that takes a session; raises the last SessionError when none does."""
+        cfg = self.config
+
+        async def connect(hop: Hop) -> tuple[OutboundSession, Hop]:
+            session = await self.connect(
+                hop,
+                helo=cfg.hostname,
+                tls=self._tls_mode(domain),
+                cafile=cfg.delivery.cafile or None,
+                timeout=cfg.delivery.timeout,
             )
-        for message_id in pending.message_ids:
-            self.inflight[message_id] += 1  # never due again until its outcome is written
-        self._unrecorded.append(pending)
+            return session, hop
 
-    async def _record_unrecorded(self) -> bool:
-        """Writes the outcomes a storage fault left in memory; True once none is left."""
-        while self._unrecorded:
-            pending = self._unrecorded[0]
-            try:
-                done = await self.store.run(pending.write)
-            except StorageError:
-                return False
-            self._unrecorded.pop(0)
-            for message_id in pending.message_ids:
-                self._release(message_id)
-            pending.after(done)
-            if not self._unrecorded:
-                log.info("queue writable again: pending outcomes recorded, delivery resumes")
-        return True
+        def failed(hop: Hop, exc: SessionError) -> None:
+            log.info("%s: %s [%s]:%d: %s", domain, hop.host, hop.address, hop.port, exc.reply)
 
-
-@dataclass(frozen=True)
-class _Unrecorded:
-    """One outcome write the queue refused, with what to do once it succeeds."""
-
-    write: Callable[[Store], list[bool]]
-    after: Callable[[list[bool]], None]
-    message_ids: tuple[str, ...]
+        return await first_answer(hops, connect, on_failure=failed)
 
 
 class _RouteFailed(Exception):

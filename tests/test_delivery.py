@@ -20,8 +20,9 @@ import pytest_asyncio
 
 from relay import config as config_module
 from relay import delivery, metrics
-from relay.delivery import OPERATOR_BOUNCE, Scheduler, backoff
+from relay.delivery import Scheduler
 from relay.mx import Router
+from relay.outcomes import OPERATOR_BOUNCE, backoff
 from relay.store import FAILED, HELD, QUEUED, AsyncStore, NewMessage, NewRecipient, Store
 from tests.conftest import LOCAL_DNS
 from tests.dnsserver import DnsServer, dns_server
