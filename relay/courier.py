@@ -25,7 +25,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -33,7 +33,7 @@ import aiosmtplib
 
 from relay import tls
 from relay.adapters import aiosmtplib as smtplib_adapter
-from relay.envelope import hostport
+from relay.envelope import address_problem, hostport
 from relay.tls import TLS_MODES
 from relay.words import one_line
 
@@ -52,7 +52,6 @@ T = TypeVar("T")
 # no stored body can ever put an end-of-data lookalike such as "<LF>.<CR><LF>" on the wire
 # (SMTP smuggling).
 _CHUNK = 64 * 1024
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -62,6 +61,8 @@ class Reply:
 
     code: int
     text: str
+    # Decided here, not said by the remote server: a DSN must not show it as "host … said".
+    local: bool = field(default=False, compare=False)
 
     @property
     def permanent(self) -> bool:
@@ -281,12 +282,14 @@ class OutboundSession:
                 552,
                 f"5.3.4 message size exceeds fixed limit of remote server {self._where} "
                 f"({len(message.body)} > {limit} bytes)",
+                local=True,
             )
         if utf8 and not self.supports_smtputf8:
             return Reply(
                 553,
                 f"5.6.7 remote server {self._where} does not support SMTPUTF8, "
                 "required by this message (RFC 6531 3.5)",
+                local=True,
             )
         return None
 
@@ -381,8 +384,8 @@ class OutboundSession:
 
     async def _callout(self, address: str) -> Reply:
         utf8 = not address.isascii()
-        if _CONTROL.search(address):
-            return Reply(501, "5.1.3 address contains characters SMTP cannot carry")
+        if (problem := address_problem(address)) is not None:
+            return Reply(501, f"5.1.3 address cannot be sent: {problem}")
         if utf8 and not self.supports_smtputf8:
             return Reply(553, f"5.6.7 remote server {self._where} does not support SMTPUTF8")
         try:
@@ -601,21 +604,25 @@ def _needs_smtputf8(message: Outgoing) -> bool:
 
 def _envelope_problem(message: Outgoing, utf8: bool) -> Reply | None:
     """A permanent local reply when MAIL FROM cannot be written without injecting syntax."""
-    if _CONTROL.search(message.sender):
-        return Reply(553, "5.1.7 sender address contains characters SMTP cannot carry")
+    if message.sender and (problem := address_problem(message.sender)) is not None:
+        return Reply(553, f"5.1.7 sender address cannot be sent: {problem}", local=True)
     for name, value in (("RET", message.ret), ("ENVID", message.envid)):
         if value is not None and not _param_sendable(value, utf8):
-            return Reply(501, f"5.5.4 {name} value contains characters SMTP cannot carry")
+            return Reply(
+                501, f"5.5.4 {name} value contains characters SMTP cannot carry", local=True
+            )
     return None
 
 
 def _recipient_problem(rcpt: OutgoingRecipient, utf8: bool) -> Reply | None:
     """Like `_envelope_problem`, for one RCPT TO: only that recipient fails."""
-    if _CONTROL.search(rcpt.address):
-        return Reply(553, "5.1.3 recipient address contains characters SMTP cannot carry")
+    if (problem := address_problem(rcpt.address)) is not None:
+        return Reply(553, f"5.1.3 recipient address cannot be sent: {problem}", local=True)
     for name, value in (("NOTIFY", rcpt.notify), ("ORCPT", rcpt.orcpt)):
         if value is not None and not _param_sendable(value, utf8):
-            return Reply(501, f"5.5.4 {name} value contains characters SMTP cannot carry")
+            return Reply(
+                501, f"5.5.4 {name} value contains characters SMTP cannot carry", local=True
+            )
     return None
 
 

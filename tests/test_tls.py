@@ -231,3 +231,17 @@ def _renewed(address: tuple[str, int], ca: trustme.CA) -> bytes | None:
         return presented_certificate(address, ca)
     except ssl.SSLCertVerificationError:
         return None
+
+
+async def test_starttls_inside_tls_is_a_bad_sequence(
+    relay_factory: RelayFactory, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """RFC 3207 4.2: once TLS is up, STARTTLS is answered 503, and the session goes on."""
+    server = await relay_factory(tls=write_certificate(ca, tmp_path / "tls"))
+    async with conversation(smtp_address(server)) as talk:
+        await talk.ehlo()
+        await starttls(talk, client_context(ca))
+        await talk.ehlo()
+        again = await talk.command("STARTTLS")
+        assert again.text == "503 5.5.1 Error: TLS already active"
+        assert (await deliver(talk)).startswith("250 2.0.0 Ok: queued as ")

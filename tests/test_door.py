@@ -1,0 +1,121 @@
+"""Hostile clients at the door (issue 14): addresses intake must refuse because delivery would.
+
+An address the courier cannot write out, accepted with 250, comes back later as a DSN carrying
+the attacker's body to a forged sender (backscatter), or, in MAIL FROM, as mail that is never
+delivered. Each case here goes over a real socket to a running relay.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import DOMAIN, conversation, open_store, smtp_address
+from hostile import deliver, rejected
+
+from relay.courier import OutgoingRecipient, _recipient_problem
+from relay.envelope import MAX_DOMAIN, MAX_LOCAL_PART, address_problem
+from relay.service import Relay
+
+CONTROLS = ["\x00", "\r", "\t", "\x7f", "\x1b", "\x01"]
+
+
+def queued(server: Relay) -> int:
+    with open_store(server.config.queue.path) as store:
+        return len(store.list_messages())
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=[f"0x{ord(c):02x}" for c in CONTROLS])
+async def test_a_control_character_in_a_recipient_is_refused_at_rcpt(
+    relay_server: Relay, char: str
+) -> None:
+    before = rejected("bad_recipient")
+    async with conversation(smtp_address(relay_server)) as talk:
+        await talk.ehlo()
+        assert (await talk.command("MAIL FROM:<sender@client.test>")).code == 250
+        reply = await talk.command(f"RCPT TO:<us{char}er@{DOMAIN}>".encode("latin-1"))
+        # 501 when the address parses and cannot be carried, 553 when the parser had to
+        # repair it (a TAB outside quotes splits it): refused either way, before any 250.
+        assert reply.code in (501, 553) and reply.text[4:10] == "5.1.3 ", reply
+        # The session goes on for the good recipients.
+        assert (await talk.command(f"RCPT TO:<user@{DOMAIN}>")).code == 250
+    assert rejected("bad_recipient") == before + 1
+    assert queued(relay_server) == 0
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=[f"0x{ord(c):02x}" for c in CONTROLS])
+async def test_a_control_character_in_the_sender_is_refused_at_mail(
+    relay_server: Relay, char: str
+) -> None:
+    before = rejected("bad_sender")
+    async with conversation(smtp_address(relay_server)) as talk:
+        await talk.ehlo()
+        reply = await talk.command(f"MAIL FROM:<al{char}ice@client.test>".encode("latin-1"))
+        assert reply.code in (501, 553) and reply.text[4:10] in ("5.1.7 ", "5.1.3 "), reply
+        assert (await talk.command(f"RCPT TO:<user@{DOMAIN}>")).code == 503  # no MAIL yet
+        await deliver(talk)  # a clean transaction on the same connection still works
+    assert rejected("bad_sender") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (f"RCPT TO:<{'a' * (MAX_LOCAL_PART + 1)}@{DOMAIN}>", "501 5.1.3"),
+        (f"RCPT TO:<user@{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 63}.{DOMAIN}>", "501 5.1.3"),
+        (f"RCPT TO:<user@{DOMAIN}", "553 5.1.3"),  # no closing ">"
+        (f'RCPT TO:<"us\ter"@{DOMAIN}>', "501 5.1.3"),  # a TAB, even quoted
+    ],
+    ids=["local-part-65", "domain-over-255", "missing-bracket", "tab-in-quotes"],
+)
+async def test_addresses_the_parser_would_repair_or_rfc_5321_forbids_are_refused(
+    relay_factory: object, line: str, reply: str
+) -> None:
+    server = await relay_factory(smtp={"max_line_length": 2048})  # type: ignore[operator]
+    async with conversation(smtp_address(server)) as talk:
+        await talk.ehlo()
+        assert (await talk.command("MAIL FROM:<sender@client.test>")).code == 250
+        answer = await talk.command(line)
+    assert answer.text.startswith(reply), answer
+    assert queued(server) == 0
+
+
+async def test_a_source_route_is_still_accepted_and_dropped(relay_server: Relay) -> None:
+    """RFC 5321 4.1.2: a server must accept the old source-route form and ignore the route."""
+    async with conversation(smtp_address(relay_server)) as talk:
+        await talk.ehlo()
+        assert (await talk.command("MAIL FROM:<sender@client.test>")).code == 250
+        assert (await talk.command(f"RCPT TO:<@hop.test:user@{DOMAIN}>")).code == 250
+
+
+async def test_recipients_differing_in_local_part_case_are_both_kept(relay_server: Relay) -> None:
+    """RFC 5321 2.4: local parts may be case-sensitive; a 250 is never silently dropped."""
+    async with conversation(smtp_address(relay_server)) as talk:
+        await talk.ehlo()
+        reply = await deliver(talk, [f"Bob@{DOMAIN}", f"bob@{DOMAIN}", f"bob@{DOMAIN.upper()}"])
+    queue_id = reply.rpartition(" ")[2]
+    with open_store(relay_server.config.queue.path) as store:
+        message = store.get(queue_id)
+        assert message is not None
+        addresses = sorted(r.address for r in message.recipients)
+    assert addresses == [f"Bob@{DOMAIN}", f"bob@{DOMAIN}"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "user@example.test",
+        "us\x00er@example.test",
+        "us\x1ber@example.test",
+        "us\u0085er@example.test",
+        "j\udcf6rg@example.test",
+        f"{'a' * 64}@example.test",
+        f"{'a' * 65}@example.test",
+        "\u00e9l\u00e8ve@\u00e9cole.test",
+        f"user@{'a' * 256}",
+    ],
+)
+def test_the_courier_refuses_exactly_what_intake_refuses(address: str) -> None:
+    """One function decides for both: they can never disagree."""
+    courier = _recipient_problem(OutgoingRecipient(address), utf8=True)
+    assert (courier is None) == (address_problem(address) is None)
+    if courier is not None:
+        assert courier.local  # a refusal of ours, never "host … said" in a DSN
+    assert (address_problem(f"user@{'a' * MAX_DOMAIN}") is None) is True
