@@ -109,6 +109,12 @@ class SmtpConfig:
     rate_per_ip: int = 120
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    # DATA earns time as it arrives: each N bytes add N / min_data_rate seconds to its deadline
+    # (Postfix 3.7's smtpd_min_data_rate), so a trickle cannot hold a slot for ever; 0 = off.
+    min_data_rate: int = 500
+    max_junk_commands: int = 100  # NOOP, RSET, VRFY, EXPN, HELP per connection (Postfix: 100)
+    # Above 80 % of max_connections: every timeout at most this (Postfix's ${stress?10}{300}).
+    stress_timeout: float = 10.0
     max_line_length: int = 2048
     max_inflight_bytes: int = 256 * 1024**2
 
@@ -349,6 +355,9 @@ def _read_smtp(r: _Reader) -> SmtpConfig:
         rate_per_ip=r.get("rate_per_ip", d.rate_per_ip, _int(0)),
         command_timeout=r.get("command_timeout", d.command_timeout, parse_duration),
         data_timeout=r.get("data_timeout", d.data_timeout, parse_duration),
+        min_data_rate=r.get("min_data_rate", d.min_data_rate, _int(0)),
+        max_junk_commands=r.get("max_junk_commands", d.max_junk_commands, _int(1)),
+        stress_timeout=r.get("stress_timeout", d.stress_timeout, parse_duration),
         max_line_length=r.get("max_line_length", d.max_line_length, _int(512)),
         max_inflight_bytes=r.get("max_inflight_bytes", d.max_inflight_bytes, parse_size),
     )

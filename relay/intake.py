@@ -51,6 +51,8 @@ _XTEXT = re.compile(r"^[\x21-\x7e]{1,100}$")
 # not pass on addresses that would make the primary forward elsewhere.
 _ROUTING_CHARS = set("%!@")
 _DATA_CHUNK = 64 * 1024
+# Commands that move no mail (Postfix's smtpd_junk_command_limit counts the same, less ETRN).
+_JUNK_VERBS = frozenset(("NOOP", "RSET", "VRFY", "EXPN", "HELP"))
 _TERMINATOR = b"\r\n.\r\n"
 
 
@@ -93,6 +95,7 @@ class Replies:
     ETRN_NO_NAMED_QUEUES = "458 4.5.1 <{domain}>: named queues are not supported; use ETRN domain"
     LINE_TOO_LONG = "500 5.5.2 Error: command line too long"
     TLS_ALREADY_ACTIVE = "503 5.5.1 Error: TLS already active"
+    TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many NOOP, RSET, VRFY, EXPN or HELP commands"
     TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 
 
@@ -105,6 +108,8 @@ class RelaySession(Session):
         self.unknown_recipients = 0
         self.closed = False
         self.slot: str | None = None  # relay.limits: the client whose connection slot we hold
+        # Set by the protocol: bring this session's deadline to at most N seconds from now.
+        self.tighten: Callable[[float], None] | None = None
 
     def carry_over(self, previous: RelaySession) -> None:
         """After STARTTLS aiosmtpd starts a new session (RFC 3207 4.2 forgets what the client
@@ -161,6 +166,7 @@ class RelaySMTP(SMTPProtocol):
     ) -> None:
         self._reading_data = False
         self._buffered = 0  # DATA bytes held against smtp.max_inflight_bytes
+        self._junk = 0  # NOOP, RSET, VRFY, EXPN, HELP so far (smtp.max_junk_commands)
         self.relay_handler = handler
         super().__init__(
             handler,
@@ -185,11 +191,37 @@ class RelaySMTP(SMTPProtocol):
         return self.envelope
 
     def opened(self) -> str | None:
+        self.relay_session().tighten = self._tighten
         return self.relay_handler.connection_opened(self.relay_session())
 
     def secured(self, previous: Session) -> None:
         assert isinstance(previous, RelaySession)
+        self.relay_session().tighten = self._tighten
         self.relay_handler.connection_secured(previous, self.relay_session())
+
+    def _tighten(self, seconds: float) -> None:
+        self.set_deadline(min(self._deadline, self.loop.time() + seconds))
+
+    def _timeout(self, configured: float) -> float:
+        """A configured timeout, or the stress timeout when that is shorter and the relay is
+        near its connection limit (Postfix's ${stress?…}: slow clients make room sooner)."""
+        if self.relay_handler.stressed:
+            return min(configured, self.relay_handler.config.smtp.stress_timeout)
+        return configured
+
+    def command_started(self, command: str) -> str | None:
+        """Counts junk commands; under stress they no longer move the idle deadline, so a
+        client cannot keep its slot with NOOPs while the relay is full."""
+        if command in _JUNK_VERBS:
+            self._junk += 1
+            if self._junk > self.relay_handler.config.smtp.max_junk_commands:
+                metrics.messages_rejected.labels("junk_commands").inc()
+                log.info("too many junk commands from [%s]", self.relay_session().client_ip)
+                return Replies.TOO_MANY_JUNK.format(host=self.hostname)
+            if self.relay_handler.stressed:
+                return None
+        self.refresh_deadline(self._timeout(self._timeout_duration))
+        return None
 
     def closed(self, session: Session) -> None:
         if isinstance(session, RelaySession) and not session.closed:
@@ -357,6 +389,19 @@ class RelaySMTP(SMTPProtocol):
             return Replies.BAD_PARAMETER_VALUE.format(name="ORCPT")
         return NewRecipient(address, notify=notify, orcpt=orcpt)
 
+    def _data_deadline(self, deadline: float | None, octets: int, idle: float, rate: int) -> float:
+        """The DATA deadline once `octets` more have arrived: they earn octets / rate seconds
+        (Postfix 3.7's smtpd_min_data_rate), but it never lies more than the idle timeout ahead.
+
+        Re-arming the whole timeout on every read would let one byte every few seconds hold a
+        connection slot for ever (slowloris); this way a trickle runs out of time.
+        """
+        ceiling = self.loop.time() + self._timeout(idle)
+        if deadline is not None and rate:
+            ceiling = min(ceiling, deadline + octets / rate)
+        self.set_deadline(ceiling)
+        return ceiling
+
     @syntax("STARTTLS")
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         """RFC 3207 4.2: STARTTLS on a connection already in TLS is a bad sequence (503)."""
@@ -410,7 +455,9 @@ class RelaySMTP(SMTPProtocol):
 
     async def _read_body(self) -> bytes | str:
         limit = self.data_size_limit or 0
-        timeout = self.relay_handler.config.smtp.data_timeout
+        smtp = self.relay_handler.config.smtp
+        deadline: float | None = None  # the start of DATA: the whole timeout
+        last = 0  # octets of the last chunk, earning time against smtp.min_data_rate
         # A virtual CRLF in front lets an empty message (".\r\n" at once) match the terminator.
         buffer = bytearray(b"\r\n")
         received = 0
@@ -418,8 +465,9 @@ class RelaySMTP(SMTPProtocol):
         searched_to = 0
         over_budget = False
         while True:
-            self.refresh_deadline(timeout)
+            deadline = self._data_deadline(deadline, last, smtp.data_timeout, smtp.min_data_rate)
             chunk = await self.read_chunk(_DATA_CHUNK)
+            last = len(chunk)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             received += len(chunk)
@@ -443,7 +491,7 @@ class RelaySMTP(SMTPProtocol):
                 del buffer[:cut]
                 discarded += cut
                 searched_to = 0
-        self.refresh_deadline()
+        self.refresh_deadline(self._timeout(self._timeout_duration))
         if over_budget:
             return self.relay_handler.over_budget(self.relay_session())
         if limit and (discarded or end > limit):
@@ -604,6 +652,7 @@ class IntakeHandler:
     policy: RecipientPolicy | None = None  # recipient validation and `accept` (relay.policy)
     sessions: set[RelaySession] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    stressed: bool = False  # relay.limits says the connection slots are nearly all taken
 
     def __post_init__(self) -> None:
         # No session yet is idle: shutdown waits on this, and must not sit out its whole grace
@@ -629,6 +678,7 @@ class IntakeHandler:
         log.info("connect from [%s]", session.client_ip)
         if self.limits is not None and (refusal := self.limits.connect(session)) is not None:
             return self._refused(session, "connection", refusal)
+        self._follow_stress()
         return None
 
     def connection_secured(self, previous: RelaySession, session: RelaySession) -> None:
@@ -645,6 +695,31 @@ class IntakeHandler:
             self.idle.set()
         metrics.smtp_connections.dec()
         log.info("disconnect from [%s]", session.client_ip)
+        self._follow_stress()
+
+    def _follow_stress(self) -> None:
+        """Enters or leaves stress mode as connection slots fill or free up.
+
+        On entry every open session's deadline is brought within smtp.stress_timeout, so the
+        slow clients already holding slots make room, not only the ones that come next.
+        """
+        stressed = self.limits is not None and self.limits.stressed
+        if stressed == self.stressed:
+            return
+        self.stressed = stressed
+        metrics.smtp_stress.set(int(stressed))
+        timeout = self.config.smtp.stress_timeout
+        if not stressed:
+            log.info("stress over: %s open", plural(len(self.sessions), "connection"))
+            return
+        log.warning(
+            "stress: %s open, over 80%% of smtp.max_connections; timeouts now %gs",
+            plural(len(self.sessions), "connection"),
+            timeout,
+        )
+        for session in list(self.sessions):
+            if session.tighten is not None:
+                session.tighten(timeout)
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's hook for an error of ours: a 4xx so the client retries (a 500 bounces)."""

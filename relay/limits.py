@@ -99,6 +99,11 @@ def disk_free(path: str) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+# The share of smtp.max_connections above which the relay is under stress (relay.intake then
+# shortens timeouts to smtp.stress_timeout), like Postfix's stress threshold of its process limit.
+STRESS_AT = 0.8
+
+
 class Limits:
     """Connection slots, per-client message rate, the in-flight DATA budget and free disk space.
 
@@ -141,6 +146,11 @@ class Limits:
         self.per_client[key] += 1
         session.slot = key
         return None
+
+    @property
+    def stressed(self) -> bool:
+        """More than STRESS_AT of smtp.max_connections in use: time to shed slow clients."""
+        return self.connections > STRESS_AT * self.get_config().smtp.max_connections
 
     def disconnect(self, session: Client) -> None:
         """Gives the session's slot back; safe to call for a session that never had one."""

@@ -100,6 +100,12 @@ smtp_connections = Gauge(
     "Inbound SMTP connections open now.",
     registry=REGISTRY,
 )
+smtp_stress = Gauge(
+    "relay_smtp_stress",
+    "1 while more than 80 % of smtp.max_connections are in use: timeouts are"
+    " smtp.stress_timeout and junk commands no longer keep a session alive.",
+    registry=REGISTRY,
+)
 
 
 class _ConnectionsTotal(Collector):

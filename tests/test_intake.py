@@ -774,7 +774,7 @@ async def test_protocol_sets_what_aiosmtpd_would(relay_factory: RelayFactory) ->
 
     theirs = RelaySMTP.__new__(RelaySMTP)
     theirs.line_length_limit = ours.line_length_limit
-    theirs._refusal, theirs._reading_data, theirs._buffered = None, False, 0
+    theirs._refusal, theirs._reading_data, theirs._buffered, theirs._junk = None, False, 0, 0
     theirs.relay_handler = server.handler
     theirs._new_session, theirs._new_envelope = ours._new_session, ours._new_envelope
     SMTP.__init__(
@@ -850,3 +850,19 @@ def test_plain_address_fast_path_agrees_with_the_parser(local: str, domain: str,
 def test_other_address_forms_are_parsed_as_aiosmtpd_does(arg: str) -> None:
     protocol = RelaySMTP.__new__(RelaySMTP)
     assert parse_address(arg) == SMTP._getaddr(protocol, arg)
+
+
+async def test_a_busy_session_outlives_the_command_timeout_counted_from_connect(
+    relay_factory: RelayFactory,
+) -> None:
+    """The idle timeout runs from the last command, not from the connection: a client that keeps
+    working is never cut off (aiosmtpd's own timer, armed at connect, must not survive)."""
+    server = await relay_factory(smtp={"command_timeout": "1s"})
+    async with conversation(smtp_address(server)) as talk:
+        await talk.ehlo()
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # past the timeout counted from connect
+            assert (await talk.command("MAIL FROM:<sender@client.test>")).code == 250
+            assert (await talk.command("RSET")).code == 250
+            await asyncio.sleep(0.3)  # pacing the client, well inside the 1 s timeout
+        assert (await talk.command("NOOP")).code == 250

@@ -160,6 +160,12 @@ class SMTPProtocol(SMTP):
     def timed_out(self) -> str:
         raise NotImplementedError
 
+    def command_started(self, command: str) -> str | None:
+        """A known verb is about to run: a reply refusing it instead, or None (the default moves
+        the idle deadline)."""
+        self.refresh_deadline()
+        return None
+
     # -- what the verbs use -----------------------------------------------------------------
 
     @property
@@ -191,8 +197,12 @@ class SMTPProtocol(SMTP):
         here a timer that fires before the deadline just sets itself again, which costs one
         timer per timeout period instead of one per command.
         """
+        self.set_deadline(self.loop.time() + (duration or self._timeout_duration))
+
+    def set_deadline(self, when: float) -> None:
+        """The session times out at loop time `when` unless the deadline moves again."""
         loop = self.loop
-        self._deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = when
         handle = self._timeout_handle
         if handle is None or handle.cancelled() or handle.when() > self._deadline:
             if handle is not None:
@@ -317,7 +327,12 @@ class SMTPProtocol(SMTP):
                         continue
                     await self.push(f'500 Error: command "{command}" not recognized')
                     continue
-                self.refresh_deadline()
+                refusal = self.command_started(command)
+                if refusal is not None:
+                    await self.push(refusal)
+                    if refusal.startswith("421"):
+                        self.close()
+                    continue
                 await getattr(self, "smtp_" + command)(arg)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
@@ -342,6 +357,11 @@ class SMTPProtocol(SMTP):
             except asyncio.LimitOverrunError as error:
                 await self._reader.read(error.consumed)
         await self.push(self.line_too_long())
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's private timer reset, which its connection_made and STARTTLS call: it must be
+        ours, or aiosmtpd arms its own timer, which a later command no longer moves."""
+        self.refresh_deadline(duration)
 
     def _timer_fired(self) -> None:
         if self.loop.time() < self._deadline:
