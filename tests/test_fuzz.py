@@ -37,8 +37,10 @@ import pytest
 from conftest import DOMAIN, dot_stuff, make_config, open_store, send_mail
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from relay import metrics
+from relay.envelope import address_problem, domain_of
 from relay.service import Relay
 
 T = TypeVar("T")
@@ -74,7 +76,10 @@ class ThreadedRelay:
                 "data_timeout": DATA_TIMEOUT,
             },
             queue={"min_free_space": 0},
-            domain=[{"name": DOMAIN, "primary": ["127.0.0.1:1"], "recipients": ["alice", "bob"]}],
+            domain=[
+                {"name": DOMAIN, "primary": ["127.0.0.1:1"], "recipients": ["alice", "bob"]},
+                {"name": "open.test", "primary": ["127.0.0.1:1"]},  # no recipient validation
+            ],
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="relay-under-fuzz")
@@ -420,3 +425,171 @@ def test_data_that_never_ends_or_whose_client_vanishes_stores_nothing(
             heard = read_all(sock)  # the relay gives up at data_timeout and says why
             assert heard.endswith(b"421 4.4.2 relay.test Error: timeout exceeded\r\n")
     assert check_round(relay, before, friend) == set()
+
+
+# -- a hostile session, step by step ------------------------------------------------------------
+
+OPEN_DOMAIN = "open.test"  # configured without recipient validation: every local part is tried
+HOSTILE_ADDRESS = st.one_of(
+    ADDRESS,
+    st.sampled_from([OPEN_DOMAIN, DOMAIN, "elsewhere.test", "OPEN.TEST", "open.test."]).flatmap(
+        lambda domain: st.text(
+            alphabet=st.sampled_from(list('abcXYZ.+-_"\\ %!@\x00\x01\t\r\x1b\x7f\u0085é')),
+            min_size=0,
+            max_size=70,
+        ).map(lambda local: f"{local}@{domain}")
+    ),
+)
+STEP_COMMAND = st.one_of(
+    st.sampled_from(
+        [
+            b"EHLO client.test",
+            b"HELO client.test",
+            b"MAIL FROM:<sender@client.test>",
+            b"MAIL FROM:<>",
+            b"DATA",
+            b"RSET",
+            b"NOOP",
+            b"VRFY alice",
+            b"HELP",
+            b"STARTTLS",
+            b"ETRN example.test",
+            b"BDAT 10 LAST",
+        ]
+    ),
+    HOSTILE_ADDRESS.map(lambda a: b"RCPT TO:<" + a.encode("utf-8", "surrogateescape") + b">"),
+    HOSTILE_ADDRESS.map(lambda a: b"MAIL FROM:<" + a.encode("utf-8", "surrogateescape") + b">"),
+    st.binary(min_size=1, max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+)
+
+
+def read_reply(sock: socket.socket) -> list[bytes]:
+    """One whole reply, its lines; [] when the server closed the connection."""
+    lines: list[bytes] = []
+    buffer = b""
+    while True:
+        while b"\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return lines
+            buffer += chunk
+        line, buffer = buffer.split(b"\r\n", 1)
+        lines.append(line)
+        if line[3:4] != b"-":
+            assert not buffer, f"more than one reply to one command: {buffer!r}"
+            return lines
+
+
+class HostileSession(RuleBasedStateMachine):
+    """Commands one at a time on a live relay, the invariants checked after every step:
+
+    * the server answers every command with a well-formed reply (or ends the session with 421);
+    * nothing for a domain outside ours is ever queued, and every queued address is one the
+      courier can send (no control character, RFC 5321 lengths);
+    * every 250 after DATA names a message that is in the queue;
+    * no session holds more than the configured recipients, messages or connection slots.
+    """
+
+    relay: ThreadedRelay  # set by the test below, before the machine runs
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sock = self._connect()
+        self.acknowledged: set[str] = set()
+        self.recipients_this_transaction = 0
+
+    def _connect(self) -> socket.socket:
+        sock = connect(self.relay.address)
+        banner = read_reply(sock)
+        assert banner and banner[-1].startswith(b"220 "), banner
+        return sock
+
+    def _say(self, line: bytes) -> list[bytes]:
+        with contextlib.suppress(ConnectionError):
+            self.sock.sendall(line + b"\r\n")
+        try:
+            reply = read_reply(self.sock)
+        except ConnectionError:
+            reply = []
+        if not reply:  # closed: only ever after a 421 we heard, or a QUIT
+            self.sock.close()
+            self.sock = self._connect()
+            return reply
+        for one in reply:
+            assert re.fullmatch(rb"[2-5]\d\d[ -].*", one, re.DOTALL), reply
+        assert b"internal error" not in reply[-1], reply
+        if reply[-1].startswith(b"421"):
+            assert read_reply(self.sock) == [], "a 421 must end the session"
+            self.sock.close()
+            self.sock = self._connect()
+        return reply
+
+    @rule(command=STEP_COMMAND)
+    def command(self, command: bytes) -> None:
+        self._say(command)
+
+    @rule(
+        recipients=st.lists(HOSTILE_ADDRESS, min_size=1, max_size=7),
+        content=bodies(),
+    )
+    def transaction(self, recipients: list[str], content: bytes) -> None:
+        self._say(b"RSET")
+        self._say(b"EHLO fuzz.test")
+        if not self._say(b"MAIL FROM:<sender@client.test>")[-1:][0].startswith(b"250"):
+            return
+        accepted = 0
+        for address in recipients:
+            line = b"RCPT TO:<" + address.encode("utf-8", "surrogateescape") + b">"
+            accepted += self._say(line)[-1:] == [b"250 2.1.5 Ok"]
+        assert accepted <= self.relay.config.smtp.max_recipients
+        go = self._say(b"DATA")
+        if not go or not go[-1].startswith(b"354"):
+            return
+        with contextlib.suppress(ConnectionError):
+            self.sock.sendall(dot_stuff(content))
+        final = read_reply(self.sock)
+        if final and (match := _QUEUED.match(final[-1] + b"\r")):
+            self.acknowledged.add(match.group(1).decode())
+        if not final or final[-1].startswith(b"421"):
+            self.sock.close()
+            self.sock = self._connect()
+
+    @rule()
+    def reconnect(self) -> None:
+        self.sock.close()
+        self.sock = self._connect()
+
+    @invariant()
+    def only_our_domains_and_sendable_addresses_are_queued(self) -> None:
+        ours = {d.name for d in self.relay.config.domains}
+        with open_store(self.relay.config.queue.path) as store:
+            messages = store.list_messages()
+        for message in messages:
+            assert len(message.recipients) <= self.relay.config.smtp.max_recipients
+            for recipient in message.recipients:
+                assert address_problem(recipient.address) is None, recipient.address
+                assert domain_of(recipient.address) in ours, recipient.address
+        assert self.acknowledged <= {m.id for m in messages}, "250 for a message not queued"
+
+    @invariant()
+    def slots_stay_within_limits(self) -> None:
+        async def read() -> tuple[int, int]:
+            assert self.relay.relay is not None
+            limits = self.relay.relay.limits
+            return limits.connections, len(self.relay.relay.handler.sessions)
+
+        connections, sessions = self.relay.call(read())
+        assert connections <= self.relay.config.smtp.max_connections
+        assert sessions <= 2  # this machine's session, and one closing after a reconnect
+
+    def teardown(self) -> None:
+        self.sock.close()
+
+
+def test_hostile_sessions_step_by_step_keep_every_invariant(relay: ThreadedRelay) -> None:
+    HostileSession.relay = relay
+    run_state_machine_as_test(
+        HostileSession,
+        settings=settings(FUZZ, max_examples=25, stateful_step_count=30),
+    )
+    wait_quiet(relay)
