@@ -26,6 +26,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The private Postfix harness is the interop suite's (tests/postfix.py); bench/ runs as a
+# script, so the repository root goes on the import path first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.postfix import SERVICES, PostfixControl, base_settings, smtpd_service
+
 LOOPBACK = "127.0.0.1"
 SBIN = Path("/usr/sbin")
 ALLOW_ROOT = "RELAY_ALLOW_ROOT"
@@ -516,34 +521,9 @@ def _toml(value: str | int) -> str:
 
 # -- Postfix ----------------------------------------------------------------------------------
 
-_MASTER_CF = """\
-# A private benchmark instance: no chroot, smtpd on one loopback port only.
-{listen} inet n - n - - smtpd
-pickup     unix  n - n 60   1 pickup
-cleanup    unix  n - n -    0 cleanup
-qmgr       unix  n - n 300  1 qmgr
-rewrite    unix  - - n -    - trivial-rewrite
-bounce     unix  - - n -    0 bounce
-defer      unix  - - n -    0 bounce
-trace      unix  - - n -    0 bounce
-verify     unix  - - n -    1 verify
-flush      unix  n - n 1000? 0 flush
-proxymap   unix  - - n -    - proxymap
-proxywrite unix  - - n -    1 proxymap
-smtp       unix  - - n -    - smtp
-relay      unix  - - n -    - smtp
-showq      unix  n - n -    - showq
-error      unix  - - n -    - error
-retry      unix  - - n -    - error
-discard    unix  - - n -    - discard
-anvil      unix  - - n -    1 anvil
-scache     unix  - - n -    1 scache
-postlog    unix-dgram n - n - 1 postlogd
-"""
-
 
 class Postfix:
-    """A private Postfix: its own config_directory, queue_directory and data_directory.
+    """A private Postfix (tests/postfix.py, the harness the interop suite uses too).
 
     It relays example.test to [127.0.0.1]:primary_port (the relay's primary, i.e. the sink's
     port) and nothing else: `mydestination` is empty, no DNS (smtp_dns_support_level =
@@ -564,59 +544,33 @@ class Postfix:
         self.reaper = reaper
         self.name = name
         self.dir = workdir / name
-        self.config_dir = self.dir / "etc"
-        self.queue_dir = self.dir / "spool"
-        self.data_dir = self.dir / "data"
-        self.maillog = self.dir / "maillog"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        workdir.chmod(0o755)  # the daemons run as the postfix user and must reach the queue
+        self.control = PostfixControl(self.dir, note=reaper.note)
+        self.queue_dir = self.control.queue_dir
+        self.maillog = self.control.maillog
         self.port = free_port()
-        for path in (self.config_dir, self.queue_dir, self.data_dir):
-            path.mkdir(parents=True, exist_ok=True)
-        # The daemons run as the postfix user: they must reach the queue and own data_directory.
-        for path in (workdir, self.dir):
-            path.chmod(0o755)
-        shutil.chown(self.data_dir, user="postfix")
         self.settings = self._main_cf(primary_port) | (extra or {})
-        (self.config_dir / "main.cf").write_text(
-            "".join(f"{k} = {v}\n" for k, v in self.settings.items())
-        )
-        (self.config_dir / "master.cf").write_text(
-            _MASTER_CF.format(listen=f"{LOOPBACK}:{self.port}")
-        )
+        self.control.write(self.settings, SERVICES + smtpd_service(LOOPBACK, self.port))
         self.running = False
 
     def _main_cf(self, primary_port: int) -> dict[str, str]:
         return {
-            "compatibility_level": "3.6",
-            "queue_directory": str(self.queue_dir),
-            "data_directory": str(self.data_dir),
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
-            "myhostname": "postfix-bench.localhost",
+            **base_settings(self.dir, "postfix-bench.localhost"),
             "mydomain": "localhost",
             "myorigin": "$myhostname",
-            "inet_interfaces": "loopback-only",
-            "inet_protocols": "ipv4",
-            "mydestination": "",
             "relay_domains": "example.test",
             "mynetworks": "127.0.0.0/8",
             "relayhost": f"[{LOOPBACK}]:{primary_port}",
             "smtp_fallback_relay": "",
-            "smtp_dns_support_level": "disabled",
             "smtpd_peername_lookup": "no",
-            "alias_maps": "",
-            "alias_database": "",
             "local_recipient_maps": "",
-            "biff": "no",
-            "maillog_file": str(self.maillog),
-            "maillog_file_prefixes": str(self.dir),
         }
 
     def _postfix(self, *args: str, timeout: float = 60.0) -> None:
-        argv = [tool("postfix"), "-c", str(self.config_dir), *args]
-        self.reaper.note(argv)
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+        done = self.control.run(tool("postfix"), *args, timeout=timeout)
         if done.returncode != 0:
-            output = (done.stderr + done.stdout).decode(errors="replace").strip()
+            output = (done.stderr + done.stdout).strip()
             raise BenchError(f"postfix {' '.join(args)} failed: {output}\n{self.log_tail()}")
 
     def start(self) -> None:
@@ -626,31 +580,13 @@ class Postfix:
         wait_for(f"{self.name} smtpd on port {self.port}", lambda: smtp_ready(self.port), 30)
 
     def stop(self) -> None:
-        """`postfix stop`; if the master outlives it, `postfix abort`, then SIGKILL by its pid."""
         if not self.running:
             return
         self.running = False
-        pid = self.master_pid()
-        with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
-            self._postfix("stop")
-        if pid is None:
-            return
-        with contextlib.suppress(BenchError):
-            wait_for(f"{self.name} master to exit", lambda: not _alive(pid), 20)
-            return
-        with contextlib.suppress(BenchError, subprocess.TimeoutExpired):
-            self._postfix("abort")
-        with contextlib.suppress(BenchError):
-            wait_for(f"{self.name} master to exit", lambda: not _alive(pid), 10)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        self.control.stop()
 
     def master_pid(self) -> int | None:
-        try:
-            return int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return self.control.master_pid()
 
     def pids(self) -> list[int]:
         pid = self.master_pid()
@@ -658,16 +594,16 @@ class Postfix:
 
     def flush(self) -> None:
         """`postqueue -f`: every deferred message is tried now (as an operator would)."""
-        argv = [tool("postqueue"), "-c", str(self.config_dir), "-f"]
-        self.reaper.note(argv)
-        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        done = self.control.run(tool("postqueue"), "-f")
+        if done.returncode != 0:
+            raise BenchError(f"postqueue -f failed: {done.stderr.strip()}")
 
     def list_queue(self, timeout: float = 600.0) -> float:
-        """`postqueue -p` with output discarded; returns its wall time."""
-        argv = [tool("postqueue"), "-c", str(self.config_dir), "-p"]
-        self.reaper.note(argv)
+        """`postqueue -p` (its output read and dropped); returns its wall time."""
         started = time.monotonic()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=timeout)
+        done = self.control.run(tool("postqueue"), "-p", timeout=timeout)
+        if done.returncode != 0:
+            raise BenchError(f"postqueue -p failed: {done.stderr.strip()}")
         return time.monotonic() - started
 
     def count(self, queues: Sequence[str] = POSTFIX_QUEUES) -> int:
@@ -684,14 +620,6 @@ class Postfix:
         except OSError:
             return ""
         return "\n".join(f"  {line}" for line in text[-lines:])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def postconf_defaults(*names: str) -> dict[str, str]:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from tests.postfix import SERVICES, PostfixControl, base_settings, smtpd_service
+
 INTEROP_ROOT = Path(os.environ.get("RELAY_INTEROP_ROOT", "/opt/relay-interop"))
 EXIM = INTEROP_ROOT / "usr/sbin/exim4"
 OPENSMTPD = INTEROP_ROOT / "usr/sbin/smtpd"
@@ -266,124 +268,56 @@ class SmtpSink(Server):
 
 # -- Postfix ----------------------------------------------------------------------------------
 
-_POSTFIX_SERVICES = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-showq     unix  n       -       n       -       -       showq
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
 
 class PostfixInstance(Server):
-    """A private Postfix: `postfix -c DIR start`, its own queue and data directories, its log
-    in DIR/maillog. Subclasses add main.cf settings and master.cf services."""
+    """A private Postfix (tests/postfix.py, shared with the benchmarks): its own config, queue
+    and data directories and maillog under `workdir`. Subclasses add main.cf settings and
+    master.cf services."""
 
     name = "postfix"
     hostname = "postfix.test"
 
     def __init__(self, workdir: Path, address: str, port: int) -> None:
         super().__init__(workdir, address, port)
-        self.config = workdir / "config"
-        self.queue = workdir / "queue"
-        self.log_path = workdir / "maillog"
+        self.control = PostfixControl(workdir)
+        self.config = self.control.config_dir
+        self.log_path = self.control.maillog
 
     def main_cf(self) -> dict[str, str]:
         return {
-            "compatibility_level": "3.6",
-            "queue_directory": str(self.queue),
-            "data_directory": str(self.workdir / "data"),
+            **base_settings(self.workdir, self.hostname),
             "meta_directory": "/etc/postfix",
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
-            "myhostname": self.hostname,
             "mydomain": self.hostname,
             "myorigin": self.hostname,
-            "mydestination": "",
             "relay_domains": "",
-            "inet_interfaces": "loopback-only",
-            "inet_protocols": "ipv4",
-            "smtp_dns_support_level": "disabled",
-            "alias_maps": "",
-            "alias_database": "",
-            "biff": "no",
-            "maillog_file": str(self.log_path),
-            "maillog_file_prefixes": str(self.workdir),
         }
 
     def master_cf(self) -> str:
-        return _POSTFIX_SERVICES
+        return SERVICES
 
     def prepare(self) -> None:
-        workspace(self.config)
-        workspace(self.queue)
-        workspace(self.workdir / "data", owner="postfix", mode=0o700)
-        settings = "".join(f"{key} = {value}\n" for key, value in self.main_cf().items())
-        (self.config / "main.cf").write_text(settings)
-        (self.config / "master.cf").write_text(self.master_cf())
+        self.control.write(self.main_cf(), self.master_cf())
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["postfix", "-c", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env={**os.environ, "PATH": _PATH},
-        )
+        return self.control.run("postfix", *args)
 
     def start(self) -> PostfixInstance:
         self.prepare()
-        started = self.postfix("start")
-        if started.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {started.stderr}\n{self.log()}")
+        self.control.start()
         self.wait_ready()
         return self
 
     def wait_ready(self) -> None:
-        wait_until(lambda: self.master_pid() is not None, "the Postfix master")
+        wait_until(lambda: self.control.master_pid() is not None, "the Postfix master")
 
     def master_pid(self) -> int | None:
-        try:
-            pid = int((self.queue / "pid" / "master.pid").read_text().split()[0])
-            os.kill(pid, 0)
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid
+        return self.control.master_pid()
 
     def stop(self) -> None:
-        pid = self.master_pid()
-        if pid is None:
-            return
-        self.postfix("stop")
-        with contextlib.suppress(TimeoutError):
-            wait_until(lambda: self.master_pid() is None, "the Postfix master to exit", 15)
-        if self.master_pid() is not None:
-            self.postfix("abort")
+        self.control.stop()
 
     def queue_listing(self) -> str:
-        return subprocess.run(
-            ["postqueue", "-c", str(self.config), "-p"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env={**os.environ, "PATH": _PATH},
-        ).stdout
+        return self.control.run("postqueue", "-p", timeout=30).stdout
 
 
 class PostfixPrimary(PostfixInstance):
@@ -429,8 +363,8 @@ class PostfixPrimary(PostfixInstance):
 
     def master_cf(self) -> str:
         return (
-            _POSTFIX_SERVICES
-            + f"{self.hostport} inet n - n - - smtpd\n"
+            SERVICES
+            + smtpd_service(self.address, self.port)
             + "capture unix - n n - - pipe user=nobody"
             + f" argv=/usr/bin/dd of={self.mail}/${{queue_id}} status=none\n"
         )
