@@ -317,16 +317,7 @@ class Scheduler:
         body = await self.store.run(lambda s: s.body(message.id, unless_held=True))
         if body is None:  # deleted or held by the operator since it was found due
             return
-        outgoing = Outgoing(
-            id=message.id,
-            sender=message.sender,
-            recipients=tuple(OutgoingRecipient(r.address, r.notify, r.orcpt) for r in recipients),
-            body=body,
-            smtputf8=message.smtputf8,
-            eightbit=message.eightbit,
-            envid=message.envid,
-            ret=message.ret,
-        )
+        outgoing = _outgoing(message, recipients, body)
         started = time.monotonic()
         replies = await session.send(outgoing)
         metrics.delivery_duration.observe(time.monotonic() - started)
@@ -513,6 +504,20 @@ class SessionOpener:
             log.info("%s: %s [%s]:%d: %s", domain, hop.host, hop.address, hop.port, exc.reply)
 
         return await first_answer(hops, connect, on_failure=failed)
+
+
+def _outgoing(message: MessageRow, recipients: Sequence[RecipientRow], body: bytes) -> Outgoing:
+    """What the courier needs of a queued message, for the recipients of this attempt."""
+    return Outgoing(
+        id=message.id,
+        sender=message.sender,
+        recipients=tuple(OutgoingRecipient(r.address, r.notify, r.orcpt) for r in recipients),
+        body=body,
+        smtputf8=message.smtputf8,
+        eightbit=message.eightbit,
+        envid=message.envid,
+        ret=message.ret,
+    )
 
 
 class _RouteFailed(Exception):

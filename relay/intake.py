@@ -348,7 +348,8 @@ class RelaySMTP(SMTPProtocol):
             return Replies.NEED_HELO
         if envelope.mail_from is None:
             return Replies.NEED_MAIL
-        parsed = self._parse_rcpt(arg or "")
+        extended = self.relay_session().extended_smtp
+        parsed = _parse_rcpt(self.strip_keyword("TO:", arg or ""), extended)
         if isinstance(parsed, str):
             return parsed
         if not envelope.smtp_utf8 and not parsed.address.isascii():
@@ -357,37 +358,6 @@ class RelaySMTP(SMTPProtocol):
         if reply.startswith("2"):
             _add_recipient(envelope, self.relay_handler.delivered_as(parsed))
         return reply
-
-    def _parse_rcpt(self, arg: str) -> NewRecipient | str:
-        """The recipient and its DSN parameters (RFC 3461 4), or the syntax error's reply."""
-        rest = self.strip_keyword("TO:", arg)
-        if not rest:
-            return Replies.RCPT_SYNTAX
-        address, param_text = parse_address(rest)
-        if (
-            not address
-            or address == "<>"
-            or not _valid_utf8(address)
-            or not _as_sent(address, rest)
-        ):
-            metrics.messages_rejected.labels("bad_recipient").inc()
-            return Replies.BAD_ADDRESS
-        if (problem := address_problem(address)) is not None:
-            metrics.messages_rejected.labels("bad_recipient").inc()
-            return Replies.UNSENDABLE_RECIPIENT.format(reason=problem)
-        params = _params(param_text or "")
-        if params is None or (params and not self.relay_session().extended_smtp):
-            return Replies.RCPT_SYNTAX
-        notify, orcpt = params.pop("NOTIFY", None), params.pop("ORCPT", None)
-        if params:
-            return Replies.BAD_PARAMETER.format(name=next(iter(params)))
-        if notify is not None:
-            notify = _notify_value(notify)
-            if notify is None:
-                return Replies.BAD_PARAMETER_VALUE.format(name="NOTIFY")
-        if orcpt is not None and (";" not in orcpt or not _XTEXT.match(orcpt)):
-            return Replies.BAD_PARAMETER_VALUE.format(name="ORCPT")
-        return NewRecipient(address, notify=notify, orcpt=orcpt)
 
     def _data_deadline(self, deadline: float | None, octets: int, idle: float, rate: int) -> float:
         """The DATA deadline once `octets` more have arrived: they earn octets / rate seconds
@@ -454,15 +424,10 @@ class RelaySMTP(SMTPProtocol):
             return await self._read_body()
 
     async def _read_body(self) -> bytes | str:
-        limit = self.data_size_limit or 0
         smtp = self.relay_handler.config.smtp
+        stream = DataStream(self.data_size_limit or 0)
         deadline: float | None = None  # the start of DATA: the whole timeout
         last = 0  # octets of the last chunk, earning time against smtp.min_data_rate
-        # A virtual CRLF in front lets an empty message (".\r\n" at once) match the terminator.
-        buffer = bytearray(b"\r\n")
-        received = 0
-        discarded = 0
-        searched_to = 0
         over_budget = False
         while True:
             deadline = self._data_deadline(deadline, last, smtp.data_timeout, smtp.min_data_rate)
@@ -470,34 +435,106 @@ class RelaySMTP(SMTPProtocol):
             last = len(chunk)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
-            received += len(chunk)
-            if not over_budget and not discarded:
+            if not over_budget and not stream.discarding:
                 over_budget = not self.relay_handler.take_data(len(chunk))
                 self._buffered += 0 if over_budget else len(chunk)
-            buffer += chunk
-            end = buffer.find(_TERMINATOR, searched_to)
-            if end >= 0:
-                self.unread(bytes(buffer[end + len(_TERMINATOR) :]))
-                del buffer[end + 2 :]
+            if over_budget:
+                stream.discard()
+            after = stream.feed(chunk)
+            if after is not None:
+                self.unread(after)
                 break
-            searched_to = max(0, len(buffer) - len(_TERMINATOR) + 1)
-            # Up to two octets of the final ".\r\n" may already be here, so the message is
-            # over the limit for sure only past limit + 3; trimming any earlier would throw
-            # away a message that fits and store its tail.
-            if over_budget or (limit and received > limit + 3):
-                # Keep reading to the terminator so the reply lands after DATA (RFC 5321
-                # 4.2.5), but keep only a tail long enough to spot it.
-                cut = max(0, len(buffer) - len(_TERMINATOR))
-                del buffer[:cut]
-                discarded += cut
-                searched_to = 0
         self.refresh_deadline(self._timeout(self._timeout_duration))
         if over_budget:
             return self.relay_handler.over_budget(self.relay_session())
-        if limit and (discarded or end > limit):
+        if stream.too_big:
             metrics.messages_rejected.labels("too_big").inc()
             return Replies.TOO_BIG
-        return bytes(buffer).replace(b"\r\n.", b"\r\n")[2:]
+        return stream.content()
+
+
+class DataStream:
+    """The DATA phase's bytes up to the lone dot, kept exactly as sent (no I/O here).
+
+    A line ends only at CRLF: a bare LF or CR is content, as in aiosmtpd's own reader. Past the
+    size limit (or once told to discard) only a tail long enough to spot the terminator is
+    kept, so the reply can still come after the final dot (RFC 5321 4.2.5).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # A virtual CRLF in front lets an empty message (".\r\n" at once) match the terminator.
+        self._buffer = bytearray(b"\r\n")
+        self._received = 0
+        self._discarded = 0
+        self._searched_to = 0
+        self._discarding = False
+        self._end = -1
+
+    @property
+    def discarding(self) -> bool:
+        return self._discarding or self._discarded > 0
+
+    def discard(self) -> None:
+        """Keep nothing more: the message will be refused (over the in-flight budget)."""
+        self._discarding = True
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Takes one chunk; once the terminator is in, the bytes after it (else None)."""
+        self._received += len(chunk)
+        buffer = self._buffer
+        buffer += chunk
+        end = buffer.find(_TERMINATOR, self._searched_to)
+        if end >= 0:
+            after = bytes(buffer[end + len(_TERMINATOR) :])
+            del buffer[end + 2 :]
+            self._end = end
+            return after
+        self._searched_to = max(0, len(buffer) - len(_TERMINATOR) + 1)
+        # Up to two octets of the final ".\r\n" may already be here, so the message is over
+        # the limit for sure only past limit + 3; trimming any earlier would throw away a
+        # message that fits and store its tail.
+        if self._discarding or (self.limit and self._received > self.limit + 3):
+            cut = max(0, len(buffer) - len(_TERMINATOR))
+            del buffer[:cut]
+            self._discarded += cut
+            self._searched_to = 0
+        return None
+
+    @property
+    def too_big(self) -> bool:
+        return bool(self.limit) and (self._discarded > 0 or self._end > self.limit)
+
+    def content(self) -> bytes:
+        """The message, dot-stuffing undone (RFC 5321 4.5.2)."""
+        return bytes(self._buffer).replace(b"\r\n.", b"\r\n")[2:]
+
+
+def _parse_rcpt(rest: str | None, extended: bool) -> NewRecipient | str:
+    """The recipient of `RCPT TO:` + `rest` and its DSN parameters (RFC 3461 4), or the reply
+    refusing it; parameters only after EHLO (`extended`)."""
+    if not rest:
+        return Replies.RCPT_SYNTAX
+    address, param_text = parse_address(rest)
+    if not address or address == "<>" or not _valid_utf8(address) or not _as_sent(address, rest):
+        metrics.messages_rejected.labels("bad_recipient").inc()
+        return Replies.BAD_ADDRESS
+    if (problem := address_problem(address)) is not None:
+        metrics.messages_rejected.labels("bad_recipient").inc()
+        return Replies.UNSENDABLE_RECIPIENT.format(reason=problem)
+    params = _params(param_text or "")
+    if params is None or (params and not extended):
+        return Replies.RCPT_SYNTAX
+    notify, orcpt = params.pop("NOTIFY", None), params.pop("ORCPT", None)
+    if params:
+        return Replies.BAD_PARAMETER.format(name=next(iter(params)))
+    if notify is not None:
+        notify = _notify_value(notify)
+        if notify is None:
+            return Replies.BAD_PARAMETER_VALUE.format(name="NOTIFY")
+    if orcpt is not None and (";" not in orcpt or not _XTEXT.match(orcpt)):
+        return Replies.BAD_PARAMETER_VALUE.format(name="ORCPT")
+    return NewRecipient(address, notify=notify, orcpt=orcpt)
 
 
 def _take_mail_params(

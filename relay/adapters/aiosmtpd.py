@@ -67,6 +67,19 @@ def parse_address(arg: str) -> tuple[str | None, str | None]:
         return None, None
 
 
+def split_command(line: bytes) -> tuple[str, str | None]:
+    """(VERB in upper case, or "" when it is not ASCII; the argument, or None)."""
+    command_bytes, _, arg_bytes = line.partition(b" ")
+    try:
+        command = command_bytes.upper().decode("ascii")
+    except UnicodeDecodeError:
+        command = ""
+    # The argument may be UTF-8 (SMTPUTF8) or stray 8-bit: surrogateescape keeps the original
+    # bytes recoverable, as in aiosmtpd.
+    arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+    return command, arg
+
+
 class SMTPProtocol(SMTP):
     """aiosmtpd's protocol with a lean set-up, command loop and timer; verbs come from a subclass.
 
@@ -302,17 +315,10 @@ class SMTPProtocol(SMTP):
                     await self._skip_long_line(error.consumed)
                     continue
                 line = line.rstrip(b"\r\n")
-                command_bytes, _, arg_bytes = line.partition(b" ")
-                try:
-                    command = command_bytes.upper().decode("ascii")
-                except UnicodeDecodeError:
-                    command = ""
+                command, arg = split_command(line)
                 if not command:
                     await self.push("500 Error: bad syntax")
                     continue
-                # The argument may be UTF-8 (SMTPUTF8) or stray 8-bit: surrogateescape keeps
-                # the original bytes recoverable, as in aiosmtpd.
-                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
                 if len(line) > self.command_size_limit:
                     await self.push(self.line_too_long())
                     continue
