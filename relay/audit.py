@@ -23,12 +23,20 @@ log = logging.getLogger(__name__)
 KEEP_LOGGED = 30 * 86400.0
 # The actions that change the remembered recipients (relay.policy re-reads them after one).
 RECIPIENT_ACTIONS = ("import", "forget")
+# The actions that steer a domain (relay domain ...): the scheduler re-reads them after one.
+DOMAIN_ACTIONS = ("reroute", "unroute", "pause", "resume")
+
+
+def steers_a_domain(entry: AuditEntry) -> bool:
+    return entry.action.split(" ", 1)[0] in DOMAIN_ACTIONS
 
 
 def describe(entry: AuditEntry) -> str:
     """`uid 0 (root) ran hold at 2026-12-05T08:00:01Z on 2 messages: AAA BBB`."""
     at = datetime.fromtimestamp(entry.at, UTC).isoformat(timespec="seconds")
     noun = "address" if entry.action in RECIPIENT_ACTIONS else "message"
+    if steers_a_domain(entry):
+        noun = "domain"
     what = plural(len(entry.ids), noun)
     return (
         f"uid {entry.uid} ({entry.user}) ran {entry.action} at {at.replace('+00:00', 'Z')}"

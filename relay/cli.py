@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from relay import config as config_module
-from relay.config import Config, ConfigError
+from relay.config import Config, ConfigError, parse_hostport
 from relay.store import (
     HELD,
     Actor,
@@ -32,6 +32,7 @@ from relay.store import (
     UnknownMessage,
     address_key,
 )
+from relay.tls import TLS_MODES
 from relay.words import plural, summarize
 
 T = TypeVar("T")
@@ -605,16 +606,118 @@ def recipients_forget(addresses: tuple[str, ...], config_path: str | None) -> No
         sys.exit(1)
 
 
+# -- relay domain ----------------------------------------------------------------------------
+
+
+@main.group()
+def domain() -> None:
+    """Steer a domain at run time: send its mail elsewhere, or pause delivery to its primary.
+
+    Kept in the queue database (a restart keeps it), shown by `relay status` and the metric
+    relay_domain_state, logged by the server, and taken up by a running relay within 2 seconds.
+    """
+
+
+def _configured_domain(cfg: Config, name: str) -> str:
+    settings = cfg.domain(name.lower().rstrip("."))
+    if settings is None:
+        configured = ", ".join(d.name for d in cfg.domains)
+        raise click.BadParameter(f"{name} is not a configured domain ({configured})")
+    return settings.name
+
+
+def _reroute_target(cfg: Config, value: str) -> str:
+    """HOST[:PORT] (port 25 when left out), never this relay itself (RFC 5321 5.1)."""
+    try:
+        host, port = parse_hostport(value, default_port=cfg.delivery.mx_port)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--to") from exc
+    ours = {cfg.hostname.lower().rstrip(".")} | {h for h, p in cfg.smtp.listen if p == port}
+    if host.lower().rstrip(".") in ours or (
+        host in ("127.0.0.1", "::1", "localhost") and any(p == port for _, p in cfg.smtp.listen)
+    ):
+        raise click.BadParameter(
+            f"{value} is this relay itself: mail sent there would loop", param_hint="--to"
+        )
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@domain.command("reroute")
+@click.argument("name", metavar="DOMAIN")
+@click.option("--to", "target", metavar="HOST[:PORT]", help="Where DOMAIN's mail goes instead.")
+@click.option(
+    "--tls",
+    type=click.Choice(TLS_MODES),
+    default=None,
+    help="TLS towards that host (default: the domain's `tls` setting).",
+)
+@click.option("--clear", is_flag=True, help="Send DOMAIN's mail to its primary again.")
+@config_option
+def domain_reroute(
+    name: str, target: str | None, tls: str | None, clear: bool, config_path: str | None
+) -> None:
+    """Send DOMAIN's mail (queued and new) to HOST[:PORT] until --clear.
+
+    For a primary gone for days: a temporary mailbox at another provider takes the mail. The
+    target is tried like a configured primary (its addresses in order, never this relay), with
+    the domain's retry and bounce rules; the primary's up/down state is left alone.
+    """
+    cfg, _ = _load_config(config_path)
+    if clear == (target is not None):
+        raise click.UsageError("give either --to HOST[:PORT] or --clear")
+    if clear and tls is not None:
+        raise click.UsageError("--tls goes with --to")
+    name = _configured_domain(cfg, name)
+    where = None if clear else _reroute_target(cfg, target or "")
+    changed = _with_store(
+        config_path, lambda store: store.set_reroute(name, where, tls, actor()), cfg
+    )
+    if where is None:
+        click.echo(f"{name}: mail goes to its primary{'' if changed else ' (already)'}")
+    else:
+        suffix = f" (tls {tls})" if tls else ""
+        click.echo(f"{name}: mail goes to {where}{suffix}{'' if changed else ' (already)'}")
+
+
+@domain.command("pause")
+@click.argument("name", metavar="DOMAIN")
+@config_option
+def domain_pause(name: str, config_path: str | None) -> None:
+    """Stop delivering DOMAIN's mail; it stays queued (not held), accepted as before.
+
+    For a primary that answers but is not to be trusted yet (a migration in progress). Unlike
+    `relay queue hold`, mail arriving meanwhile is kept back too; `relay domain resume` lets it
+    all go.
+    """
+    cfg, _ = _load_config(config_path)
+    name = _configured_domain(cfg, name)
+    changed = _with_store(config_path, lambda store: store.set_paused(name, True, actor()), cfg)
+    click.echo(f"{name}: delivery paused{'' if changed else ' (already)'}")
+
+
+@domain.command("resume")
+@click.argument("name", metavar="DOMAIN")
+@config_option
+def domain_resume(name: str, config_path: str | None) -> None:
+    """Deliver DOMAIN's mail again after `relay domain pause`."""
+    cfg, _ = _load_config(config_path)
+    name = _configured_domain(cfg, name)
+    changed = _with_store(config_path, lambda store: store.set_paused(name, False, actor()), cfg)
+    click.echo(f"{name}: delivery resumed{'' if changed else ' (was not paused)'}")
+
+
 def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]:
     """Per configured domain, and any other with mail waiting (bounces): the operator's view."""
     summary = store.domain_summary()
     states = store.destinations()
+    controls = store.domain_controls()
     names = [d.name for d in cfg.domains] + sorted(set(summary) - {d.name for d in cfg.domains})
     report = []
     for name in names:
         waiting = summary.get(name) or DomainSummary()
         state = states.get(name)
         up = None if state is None else state.up
+        control = controls.get(name)
         report.append(
             {
                 "domain": name,
@@ -629,6 +732,11 @@ def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]
                 "since": _rfc3339(state.since) if state else None,
                 "last_success": _rfc3339(state.last_success) if state else None,
                 "last_error": state.last_error if state and up is False else None,
+                "delivery": control.state if control else "normal",
+                "paused_since": _rfc3339(control.paused_at) if control else None,
+                "rerouted_to": control.reroute if control else None,
+                "rerouted_tls": control.reroute_tls if control else None,
+                "rerouted_since": _rfc3339(control.rerouted_at) if control else None,
             }
         )
     return report
@@ -658,6 +766,15 @@ def status(config_path: str | None, as_json: bool) -> None:
         )
         if row["last_error"]:
             click.echo(f"{'':<28} last error: {row['last_error']}")
+        if row["paused_since"]:
+            click.echo(
+                f"{'':<28} delivery paused since {row['paused_since']} (relay domain resume)"
+            )
+        if row["rerouted_to"]:
+            tls = f", tls {row['rerouted_tls']}" if row["rerouted_tls"] else ""
+            click.echo(
+                f"{'':<28} rerouted to {row['rerouted_to']}{tls} since {row['rerouted_since']}"
+            )
     click.echo(
         f"queue {cfg.queue.path}: {stats.size / 2**20:.1f} MB,"
         f" {plural(stats.free_pages, 'free page')} ({stats.free_share:.0%})"

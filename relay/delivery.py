@@ -20,9 +20,9 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay import metrics
 from relay.config import Config
@@ -46,6 +46,7 @@ from relay.store import (
     DELIVERED,
     FAILED,
     AsyncStore,
+    DomainControl,
     MessageRow,
     Outcome,
     RecipientRow,
@@ -129,11 +130,14 @@ class Scheduler:
         self.inflight = InFlight()
         self.wake = asyncio.Event()
         # Through a lambda, so that replacing `connect` later (tests) reaches the opener.
+        self.controls: dict[str, DomainControl] = {}
+        self.ticks = 0
         self.opener = SessionOpener(
             self.router,
             self.get_config,
             lambda hop, **options: self.connect(hop, **options),
             self.clock,
+            lambda domain: self.controls.get(domain),
         )
         self._sessions = asyncio.Semaphore(self.config.delivery.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -143,7 +147,7 @@ class Scheduler:
             self.up.router = self.router
         self.up.on_recovery.append(self._recovered)
         self._stopping = False
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[Any]] = set()  # waited for by stop() and settle()
         self.recorder = Recorder(
             self.store, self.get_config, self.inflight, self.wake.set, self._retry_at
         )
@@ -166,6 +170,7 @@ class Scheduler:
         while not self._stopping:
             try:
                 await self.tick()
+                self.ticks += 1  # passes made: tests wait on it instead of on the clock
             except StorageError as exc:
                 log.warning("delivery: queue not readable: %s", exc)
             except Exception:
@@ -182,7 +187,7 @@ class Scheduler:
         message; its probe owns the recovery, which makes all of it due at once.
         """
         for domain in domains:
-            if not self.up.is_down(domain):
+            if not self._suspended(domain) and not self._paused(domain):
                 self.wake.set()
                 return
 
@@ -214,14 +219,17 @@ class Scheduler:
         if not await self.recorder.record_unrecorded():
             return  # the queue still refuses the kept outcomes: deliver nothing new
         now = self.clock()
-        due = await self.store.run(lambda s: s.due(now, self.batch, exclude=self.inflight))
+        paused = [name for name, control in self.controls.items() if control.paused]
+        due = await self.store.run(
+            lambda s: s.due(now, self.batch, exclude=self.inflight, skip_domains=paused)
+        )
         work: dict[str, list[tuple[MessageRow, tuple[RecipientRow, ...]]]] = defaultdict(list)
         for message in due:
             if await self.recorder.settle_without_delivery(message, now):
                 continue
             by_domain: dict[str, list[RecipientRow]] = defaultdict(list)
             for recipient in message.pending:
-                if recipient.next_attempt_at <= now:
+                if recipient.next_attempt_at <= now and recipient.domain not in paused:
                     by_domain[recipient.domain].append(recipient)
             for domain, recipients in by_domain.items():
                 work[domain].append((message, tuple(recipients)))
@@ -232,7 +240,7 @@ class Scheduler:
         self, domain: str, items: list[tuple[MessageRow, tuple[RecipientRow, ...]]], now: float
     ) -> None:
         dest = self.destination(domain)
-        if self.up.is_down(domain):
+        if self._suspended(domain):
             # Suspended: the probe owns recovery. Push the due mail on by its backoff.
             reply = suspended_reply(self.up.get(domain).last_error)
             await self.recorder.defer_many(items, reply, now, host="")
@@ -269,7 +277,8 @@ class Scheduler:
         try:
             while (
                 not dest.queue.empty()
-                and not self.up.is_down(dest.name)
+                and not self._suspended(dest.name)
+                and not self._paused(dest.name)
                 and not self.recorder.stopped
             ):
                 message, recipients = dest.queue.get_nowait()
@@ -298,11 +307,11 @@ class Scheduler:
         finally:
             if session is not None:
                 await session.close()
-            if self.up.is_down(dest.name):
+            if self._suspended(dest.name):
                 await self._defer_queued(dest)
-            elif self.recorder.stopped:
-                # Recording is failing: what waits for a session goes back to the queue,
-                # untried; it is due again once the pending outcomes are recorded.
+            elif self.recorder.stopped or self._paused(dest.name):
+                # Recording is failing, or an operator paused the domain: what waits for a
+                # session goes back to the queue untried, due again once it may go.
                 for message, _ in dest.take_all():
                     self.inflight.release(message.id)
 
@@ -343,7 +352,7 @@ class Scheduler:
         """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
         ceiling = self.config.delivery.per_host_concurrency
         for reply in replies:
-            if 200 <= reply.code < 300:
+            if 200 <= reply.code < 300 and not self._rerouted(dest.name):
                 self.up.succeeded(dest.name, now)
             if dest.count(reply, ceiling):
                 self._mark_down(dest, str(reply), now)
@@ -399,6 +408,8 @@ class Scheduler:
     # -- up and down ------------------------------------------------------------------------
 
     def _mark_down(self, dest: Destination, error: str, now: float) -> None:
+        if self._rerouted(dest.name):
+            return  # the reroute target is not the primary: its failures say nothing of it
         if not self.up.is_down(dest.name):
             dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
         self.up.failed(dest.name, error, now)
@@ -434,6 +445,37 @@ class Scheduler:
         """The router changed (SIGHUP): routes looked up with the old one are not reused."""
         self.opener.forget_routes()
 
+    # -- operator steering (relay domain pause / reroute) ---------------------------------------
+
+    def set_controls(self, controls: dict[str, DomainControl]) -> None:
+        """What operators decided per domain, as the queue database now says."""
+        before = {n: c.reroute for n, c in self.controls.items() if c.reroute}
+        self.controls = controls
+        after = {n: c.reroute for n, c in controls.items() if c.reroute}
+        if before != after:
+            self.opener.forget_routes()
+            # Mail deferred on the old route goes at once on the new one (queued and new mail).
+            for domain in {*before, *after} - {d for d in before if before[d] == after.get(d)}:
+                self._start_write(self.flush_domain(domain))
+        self.wake.set()
+
+    def _start_write(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    def _paused(self, domain: str) -> bool:
+        control = self.controls.get(domain)
+        return control is not None and control.paused
+
+    def _rerouted(self, domain: str) -> bool:
+        control = self.controls.get(domain)
+        return control is not None and control.reroute is not None
+
+    def _suspended(self, domain: str) -> bool:
+        """The primary is down and the mail has nowhere else to go."""
+        return self.up.is_down(domain) and not self._rerouted(domain)
+
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
         now = self.clock()
@@ -452,6 +494,7 @@ class SessionOpener:
     get_config: Callable[[], Config]
     connect: Connector
     clock: Callable[[], float]
+    control_of: Callable[[str], DomainControl | None] = lambda _domain: None
     _routes: dict[str, tuple[float, list[Hop]]] = field(default_factory=dict)
 
     @property
@@ -478,11 +521,19 @@ class SessionOpener:
         if cached and now - cached[0] < ROUTE_CACHE_SECONDS:
             return cached[1]
         settings = self.config.domain(domain)
-        hops = await self.router.hops(domain, settings.primary if settings else ())
+        control = self.control_of(domain)
+        if control is not None and control.reroute:
+            # An operator's target, checked like a configured primary: never our own socket.
+            hops = await self.router.hops(domain, (control.reroute,))
+        else:
+            hops = await self.router.hops(domain, settings.primary if settings else ())
         self._routes[domain] = (now, hops)
         return hops
 
     def _tls_mode(self, domain: str) -> str:
+        control = self.control_of(domain)
+        if control is not None and control.reroute and control.reroute_tls:
+            return control.reroute_tls
         settings = self.config.domain(domain)
         return settings.tls if settings else "opportunistic"
 

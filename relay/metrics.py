@@ -100,6 +100,25 @@ smtp_connections = Gauge(
     "Inbound SMTP connections open now.",
     registry=REGISTRY,
 )
+domain_state = Gauge(
+    "relay_domain_state",
+    "1 for the state an operator set for the domain (relay domain pause / reroute):"
+    " normal, paused or rerouted; 0 for the other two.",
+    ["domain", "state"],
+    registry=REGISTRY,
+)
+DOMAIN_STATES = ("normal", "paused", "rerouted")
+
+
+def set_domain_states(states: dict[str, str]) -> None:
+    """Series for the domains an operator paused or rerouted, and none for the others: like
+    every per-domain series, a domain nobody touched costs nothing (many domains, one relay)."""
+    domain_state.clear()
+    for domain, current in states.items():
+        for state in DOMAIN_STATES:
+            domain_state.labels(domain, state).set(int(state == current))
+
+
 smtp_stress = Gauge(
     "relay_smtp_stress",
     "1 while more than 80 % of smtp.max_connections are in use: timeouts are"

@@ -32,7 +32,7 @@ from relay.intake import IntakeHandler, RelaySMTP
 from relay.limits import Limits
 from relay.mx import Router
 from relay.policy import RecipientPolicy
-from relay.store import AsyncStore, NewMessage, StorageError, Store
+from relay.store import AsyncStore, DomainControl, NewMessage, StorageError, Store
 
 log = logging.getLogger("relay")
 
@@ -170,7 +170,10 @@ class Relay:
             )
             self.smtp_servers.append(server)
             log.info("listening for SMTP on %s", _sockname(server))
+        # Read before delivery starts: after a restart, a paused domain must not get one attempt.
+        controls = await self.store.run(Store.domain_controls)
         self._start_delivery()
+        self._apply_controls(controls)
         self._operators_task = asyncio.create_task(self._follow_operators())
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
@@ -220,6 +223,8 @@ class Relay:
                     # a hold or a flush must not cost a reload of every one of them.
                     if any(entry.action in audit.RECIPIENT_ACTIONS for entry in done):
                         await self.policy.reread()
+                    if any(audit.steers_a_domain(entry) for entry in done):
+                        await self._read_controls()
                 # Deliveries free pages too: the file is looked at once a minute as well.
                 shrunk = await self.store.maintain() if changed or ticks % 60 == 0 else None
                 if shrunk is not None:
@@ -228,6 +233,15 @@ class Relay:
                 log.warning("operator changes not read: %s", exc)
             ticks += 1
             await asyncio.sleep(interval)
+
+    async def _read_controls(self) -> None:
+        self._apply_controls(await self.store.run(Store.domain_controls))
+
+    def _apply_controls(self, controls: dict[str, DomainControl]) -> None:
+        """Hands the scheduler what operators decided per domain (relay domain pause/reroute)."""
+        if self.scheduler is not None:
+            self.scheduler.set_controls(controls)
+        metrics.set_domain_states({n: c.state for n, c in controls.items()})
 
     def _router(self) -> Router:
         cfg = self.config

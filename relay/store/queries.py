@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from relay.store.base import _translated
 from relay.store.bookkeeping import Bookkeeping
-from relay.store.operations import Operations
+from relay.store.controls import Controls
 from relay.store.reads import Reads
 from relay.store.rows import QUEUED, FileStats, NewMessage, StorageError
 from relay.store.schema import _connect, _migrate
@@ -17,7 +17,7 @@ from relay.store.schema import _connect, _migrate
 T = TypeVar("T")
 
 
-class Store(Reads, Bookkeeping, Operations):
+class Store(Reads, Bookkeeping, Controls):
     """Synchronous access to the queue over one connection. Not shared between threads."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:

@@ -120,15 +120,24 @@ class Reads(Connected):
         return bytes(row[0]) if row else None
 
     @_translated
-    def due(self, now: float, limit: int = 500, exclude: Iterable[str] = ()) -> list[MessageRow]:
-        """Messages with at least one recipient due now, oldest first; held messages never."""
+    def due(
+        self,
+        now: float,
+        limit: int = 500,
+        exclude: Iterable[str] = (),
+        skip_domains: Sequence[str] = (),
+    ) -> list[MessageRow]:
+        """Messages with at least one recipient due now, oldest first; held messages never, nor
+        recipients of `skip_domains` (paused by an operator: they stay due, untouched)."""
         skip = set(exclude)
         ids: list[str] = []
+        marks = ",".join("?" * len(skip_domains))
         for (message_id,) in self.conn.execute(
             "SELECT DISTINCT r.message_id FROM recipients r JOIN messages m ON m.id = r.message_id"
             " WHERE r.state = ? AND r.next_attempt_at <= ? AND m.state = ?"
-            " ORDER BY r.next_attempt_at LIMIT ?",
-            (QUEUED, now, QUEUED, limit + len(skip)),
+            + (f" AND r.domain NOT IN ({marks})" if skip_domains else "")
+            + " ORDER BY r.next_attempt_at LIMIT ?",
+            (QUEUED, now, QUEUED, *skip_domains, limit + len(skip)),
         ):
             if message_id not in skip:
                 ids.append(message_id)

@@ -222,6 +222,28 @@ class DomainSummary:
 
 
 @dataclass(frozen=True)
+class DomainControl:
+    """An operator's run-time steering of one domain: delivery paused, or sent elsewhere."""
+
+    domain: str
+    paused_at: float | None = None  # paused since then (relay domain pause), else None
+    reroute: str | None = None  # "host[:port]" instead of the primary (relay domain reroute)
+    reroute_tls: str | None = None  # the tls mode for the reroute target; None: the domain's
+    rerouted_at: float | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    @property
+    def state(self) -> str:
+        """`paused`, `rerouted` or `normal` (relay_domain_state's label)."""
+        if self.paused:
+            return "paused"
+        return "rerouted" if self.reroute else "normal"
+
+
+@dataclass(frozen=True)
 class DestinationState:
     """Up or down since when, as the scheduler last saw a destination domain."""
 

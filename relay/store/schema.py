@@ -123,6 +123,25 @@ def _v4_audit(db: sqlite_utils.Database) -> None:
     )
 
 
+@_migration
+def _v5_domain_controls(db: sqlite_utils.Database) -> None:
+    """What an operator decided for a domain at run time (relay domain reroute / pause): kept
+    with the queue, so a restart keeps steering the mail the same way."""
+    db.table("domain_controls").create(
+        {
+            "domain": str,
+            "paused": int,
+            "paused_at": float,
+            "reroute": str,
+            "reroute_tls": str,
+            "rerouted_at": float,
+        },
+        pk="domain",
+        not_null={"paused"},
+        defaults={"paused": 0},
+    )
+
+
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
