@@ -11,18 +11,17 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from relay import config as config_module
 from relay.config import Config, ConfigError, parse_hostport
+from relay.status import status_report
 from relay.store import (
     HELD,
     Actor,
     Attempt,
-    DomainSummary,
     ListingRow,
     MessageRow,
     Operated,
@@ -33,7 +32,7 @@ from relay.store import (
     address_key,
 )
 from relay.tls import TLS_MODES
-from relay.words import plural, summarize
+from relay.words import age, plural, rfc3339, summarize
 
 T = TypeVar("T")
 
@@ -155,28 +154,6 @@ def _with_store(
         store.close()
 
 
-def _rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _age(seconds: float) -> str:
-    """Two units at most, like "3d4h" or "4m12s": enough to read at a glance."""
-    whole = int(seconds) if seconds > 0 else 0
-    if whole < 60:
-        return f"{whole}s"
-    for unit, size, small_unit, small_size in _AGE_UNITS:
-        if whole >= size:
-            big, rest = divmod(whole, size)
-            rest //= small_size
-            return f"{big}{unit}{rest}{small_unit}" if rest else f"{big}{unit}"
-    raise AssertionError("unreachable: the last unit is a minute")
-
-
-_AGE_UNITS = (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1))
-
-
 def message_json(row: MessageRow) -> dict[str, Any]:
     """The `relay queue --json` object (a contract: keep the field names).
 
@@ -193,7 +170,7 @@ def message_json(row: MessageRow) -> dict[str, Any]:
                 "attempts": r.attempts,
                 "last_reply": r.last_reply,
                 "next_attempt_at": (
-                    _rfc3339(r.next_attempt_at) if r.state == "queued" and waiting else None
+                    rfc3339(r.next_attempt_at) if r.state == "queued" and waiting else None
                 ),
                 "notify": r.notify,
                 "orcpt": r.orcpt,
@@ -201,10 +178,10 @@ def message_json(row: MessageRow) -> dict[str, Any]:
             for r in row.recipients
         ],
         "size": row.size,
-        "received_at": _rfc3339(row.received_at),
+        "received_at": rfc3339(row.received_at),
         "state": row.state,
         "attempts": row.attempt_count,
-        "next_attempt_at": _rfc3339(row.next_attempt_at) if waiting else None,
+        "next_attempt_at": rfc3339(row.next_attempt_at) if waiting else None,
         "last_error": row.last_error,
     }
 
@@ -246,9 +223,10 @@ def _listing(rows: Sequence[ListingRow], now: float) -> str:
             held += is_held
             total += size
             seconds = int(now - received_at)
-            age = ages.get(seconds) or ages.setdefault(seconds, _age(seconds))
+            shown = ages.get(seconds) or ages.setdefault(seconds, age(seconds))
             add(
-                f"{message_id + ('!' if is_held else ' '):<20} {age:>6} {size:>9}  {sender or '<>'}"
+                f"{message_id + ('!' if is_held else ' '):<20} {shown:>6} {size:>9}"
+                f"  {sender or '<>'}"
             )
         if address is None:
             continue
@@ -256,7 +234,7 @@ def _listing(rows: Sequence[ListingRow], now: float) -> str:
         tried = plural(attempts, "attempt")
         if r_state == "queued" and not is_held and attempts:
             seconds = int(due - now)
-            wait = ages.get(seconds) or ages.setdefault(seconds, _age(seconds))
+            wait = ages.get(seconds) or ages.setdefault(seconds, age(seconds))
             add(f"{indent}{address}  ({r_state}, {tried}, next in {wait})")
         else:
             add(f"{indent}{address}  ({r_state}, {tried})")
@@ -317,7 +295,7 @@ def show(ctx: click.Context, message_id: str, body: bool, config_path: str | Non
         f"state: {row.state}",
         f"sender: <{row.sender}>",
         f"size: {row.size}",
-        f"received_at: {_rfc3339(row.received_at)}",
+        f"received_at: {rfc3339(row.received_at)}",
         f"client: [{row.client_ip}] helo={row.helo}",
         f"smtputf8: {'yes' if row.smtputf8 else 'no'}",
         f"body: {'8BITMIME' if row.eightbit else '7BIT'}",
@@ -329,11 +307,11 @@ def show(ctx: click.Context, message_id: str, body: bool, config_path: str | Non
         extra = "".join(f" {k}={v}" for k, v in (("notify", r.notify), ("orcpt", r.orcpt)) if v)
         out.append(f"  <{r.address}> {r.state}, attempts={r.attempts}{extra}")
         if r.state == "queued":
-            out.append(f"    next attempt: {_rfc3339(r.next_attempt_at)}")
+            out.append(f"    next attempt: {rfc3339(r.next_attempt_at)}")
         if r.last_reply:
             out.append(f"    last reply: {r.last_reply}")
     out.append("attempts:")
-    out += [f"  {_rfc3339(a.at)} <{a.address}> {attempt_path(a)}: {a.reply}" for a in row.attempts]
+    out += [f"  {rfc3339(a.at)} <{a.address}> {attempt_path(a)}: {a.reply}" for a in row.attempts]
     if not row.attempts:
         out.append("  (none yet)")
     click.echo("\n".join(out))
@@ -576,11 +554,11 @@ def recipients_list(domain: str | None, as_json: bool, config_path: str | None) 
         rows = [r for r in rows if r[0].endswith(suffix)]
     rows.sort()
     if as_json:
-        listing = [{"address": a, "exists": ok, "checked_at": _rfc3339(at)} for a, ok, at in rows]
+        listing = [{"address": a, "exists": ok, "checked_at": rfc3339(at)} for a, ok, at in rows]
         click.echo(json.dumps(listing, indent=2, ensure_ascii=False))
         return
     for address, accepted, at in rows:
-        click.echo(f"{address}  {'exists' if accepted else 'refused'}  {_rfc3339(at)}")
+        click.echo(f"{address}  {'exists' if accepted else 'refused'}  {rfc3339(at)}")
     click.echo(f"-- {plural(len(rows), 'address')}")
 
 
@@ -706,42 +684,6 @@ def domain_resume(name: str, config_path: str | None) -> None:
     click.echo(f"{name}: delivery resumed{'' if changed else ' (was not paused)'}")
 
 
-def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]:
-    """Per configured domain, and any other with mail waiting (bounces): the operator's view."""
-    summary = store.domain_summary()
-    states = store.destinations()
-    controls = store.domain_controls()
-    names = [d.name for d in cfg.domains] + sorted(set(summary) - {d.name for d in cfg.domains})
-    report = []
-    for name in names:
-        waiting = summary.get(name) or DomainSummary()
-        state = states.get(name)
-        up = None if state is None else state.up
-        control = controls.get(name)
-        report.append(
-            {
-                "domain": name,
-                "configured": cfg.domain(name) is not None,
-                "queued_messages": waiting.messages,
-                "queued_recipients": waiting.recipients,
-                "held_messages": waiting.held_messages,
-                "oldest_age_seconds": (
-                    round(now - waiting.oldest, 1) if waiting.oldest is not None else 0
-                ),
-                "primary": "unknown" if up is None else ("up" if up else "down"),
-                "since": _rfc3339(state.since) if state else None,
-                "last_success": _rfc3339(state.last_success) if state else None,
-                "last_error": state.last_error if state and up is False else None,
-                "delivery": control.state if control else "normal",
-                "paused_since": _rfc3339(control.paused_at) if control else None,
-                "rerouted_to": control.reroute if control else None,
-                "rerouted_tls": control.reroute_tls if control else None,
-                "rerouted_since": _rfc3339(control.rerouted_at) if control else None,
-            }
-        )
-    return report
-
-
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -758,7 +700,7 @@ def status(config_path: str | None, as_json: bool) -> None:
         return
     click.echo(f"{'DOMAIN':<28} {'MSGS':>6} {'RCPTS':>6} {'OLDEST':>7} {'HELD':>5}  PRIMARY")
     for row in report:
-        oldest = _age(row["oldest_age_seconds"]) if row["queued_messages"] else "-"
+        oldest = age(row["oldest_age_seconds"]) if row["queued_messages"] else "-"
         primary = row["primary"] + (f" since {row['since']}" if row["since"] else "")
         click.echo(
             f"{row['domain']:<28} {row['queued_messages']:>6} {row['queued_recipients']:>6}"

@@ -160,6 +160,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """The /status page for the people waiting for their mail (relay.status)."""
+
+    # Its own listener, for a page anyone may read; unset: /status only on metrics.listen.
+    listen: tuple[str, int] | None = None
+    public: bool = False  # must be true with `listen`: the page is then served to anyone
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     nameservers: tuple[str, ...] = ()
 
@@ -193,6 +202,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Where mail for our own postmaster goes (RCPT TO:<postmaster>, postmaster@ and abuse@ our
@@ -363,6 +373,26 @@ def _read_smtp(r: _Reader) -> SmtpConfig:
     )
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _read_status(r: _Reader) -> StatusConfig:
+    status = StatusConfig(
+        listen=r.get("listen", None, _optional_listen), public=r.get("public", False, _flag)
+    )
+    if status.listen is not None and not status.public:
+        r.problem(
+            "listen",
+            "a listener of its own serves the page to anyone who can connect: set"
+            " status.public = true, or leave status.listen out to serve /status on"
+            " metrics.listen only",
+        )
+    return status
+
+
 def _read_tls(r: _Reader) -> TlsConfig:
     tls = TlsConfig(cert=r.get("cert", "", _text), key=r.get("key", "", _text))
     if bool(tls.cert) != bool(tls.key):
@@ -469,6 +499,7 @@ NEEDS_RESTART = (
     "smtp.listen",
     "queue.path",
     "metrics.listen",
+    "status.listen",
     "log.format",
     "delivery.concurrency",
 )
@@ -479,7 +510,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     changed = [] if old.hostname == new.hostname else ["hostname"]
     if old.postmaster != new.postmaster:
         changed.append("postmaster")
-    for section in ("smtp", "tls", "queue", "delivery", "retry", "metrics", "dns", "log"):
+    sections = ("smtp", "tls", "queue", "delivery", "retry", "metrics", "status", "dns", "log")
+    for section in sections:
         before, after = getattr(old, section), getattr(new, section)
         changed += [
             f"{section}.{f.name}"
@@ -514,7 +546,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         )
 
     readers = {name: section(name) for name in ("smtp", "tls", "queue", "delivery", "retry")}
-    readers |= {name: section(name) for name in ("metrics", "dns", "log")}
+    readers |= {name: section(name) for name in ("metrics", "status", "dns", "log")}
     smtp = _read_smtp(readers["smtp"])
     tls = _read_tls(readers["tls"])
     queue = _read_queue(readers["queue"])
@@ -523,6 +555,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     metrics = MetricsConfig(
         listen=readers["metrics"].get("listen", MetricsConfig().listen, _optional_listen)
     )
+    status = _read_status(readers["status"])
     dns = DnsConfig(nameservers=readers["dns"].get("nameservers", (), _nameservers))
     log = LogConfig(format=readers["log"].get("format", "text", _choice(LOG_FORMATS)))
 
@@ -572,6 +605,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         delivery=delivery,
         retry=retry,
         metrics=metrics,
+        status=status,
         dns=dns,
         log=log,
         postmaster=postmaster,

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,9 +32,11 @@ from relay.intake import IntakeHandler, RelaySMTP
 from relay.limits import Limits
 from relay.mx import Router
 from relay.policy import RecipientPolicy
+from relay.status import render_page, status_report
 from relay.store import AsyncStore, DomainControl, NewMessage, StorageError, Store
 
 log = logging.getLogger("relay")
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,14 +50,21 @@ class MetricsServer:
     store_path: str
     # Why the relay cannot be trusted with mail right now; /healthz is 200 only when empty.
     problems: Callable[[], list[str]]
+    # The /status page (relay.status), built from the queue in a worker thread.
+    status_page: Callable[[Store], bytes] | None = None
+    # What this listener serves: all of it on metrics.listen, /status alone on status.listen.
+    paths: frozenset[str] = frozenset(("/metrics", "/healthz", "/status"))
     _reader: Store | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def snapshot(self) -> metrics.QueueSnapshot:
+        return self._read(Store.snapshot)
+
+    def _read(self, work: Callable[[Store], T]) -> T:
         with self._lock:
             if self._reader is None:
                 self._reader = Store(self.store_path)
-            return self._reader.snapshot()
+            return work(self._reader)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -64,7 +73,13 @@ class MetricsServer:
                 pass
             parts = request.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) > 1 else "/"
-            if path == "/metrics":
+            if path not in self.paths:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            elif path == "/status" and self.status_page is not None:
+                page = self.status_page
+                body = await asyncio.to_thread(self._read, page)
+                status, ctype = "200 OK", "text/html; charset=utf-8"
+            elif path == "/metrics":
                 body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)
                 status, ctype = "200 OK", CONTENT_TYPE_LATEST
             elif path == "/healthz":
@@ -118,12 +133,22 @@ class Relay:
             limits=self.limits,
             policy=self.policy,
         )
-        self.metrics_server = MetricsServer(cfg.queue.path, problems=self._problems)
+        self.metrics_server = MetricsServer(
+            cfg.queue.path, problems=self._problems, status_page=self._status_page
+        )
+        # status.listen: the page alone, for anyone (status.public), on a connection of its own.
+        self.status_server = MetricsServer(
+            cfg.queue.path,
+            problems=list,
+            status_page=self._status_page,
+            paths=frozenset(("/status",)),
+        )
         self._collector = metrics.QueueCollector(
             self.metrics_server.snapshot, self.health.down_names
         )
         self.smtp_servers: list[asyncio.Server] = []
         self.http_server: asyncio.Server | None = None
+        self.status_http_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
         self._tls = tls.server_context(cfg)
         self.scheduler: Scheduler | None = None
@@ -181,6 +206,12 @@ class Relay:
                 self.metrics_server.handle, host=host, port=port
             )
             log.info("metrics on http://%s/metrics", _sockname(self.http_server))
+        if self.config.status.listen is not None:
+            host, port = self.config.status.listen
+            self.status_http_server = await asyncio.start_server(
+                self.status_server.handle, host=host, port=port
+            )
+            log.info("status page on http://%s/status", _sockname(self.status_http_server))
         log.info(
             "relay started: hostname=%s domains=%s queue=%s",
             self.config.hostname,
@@ -243,6 +274,11 @@ class Relay:
             self.scheduler.set_controls(controls)
         metrics.set_domain_states({n: c.state for n, c in controls.items()})
 
+    def _status_page(self, store: Store) -> bytes:
+        """The /status page, from the queue database as the running server keeps it."""
+        now = self.clock()
+        return render_page(status_report(self.config, store, now), self.config.hostname, now)
+
     def _router(self) -> Router:
         cfg = self.config
         return Router(
@@ -292,8 +328,9 @@ class Relay:
     async def stop(self, grace: float = 10.0) -> None:
         for server in self.smtp_servers:
             server.close()
-        if self.http_server is not None:
-            self.http_server.close()
+        for http in (self.http_server, self.status_http_server):
+            if http is not None:
+                http.close()
         # Sessions in DATA finish their commit; what is still open after the grace period is
         # cut, and its unacknowledged message is the client's to retry.
         with contextlib.suppress(TimeoutError):
@@ -311,6 +348,7 @@ class Relay:
             metrics.REGISTRY.unregister(self._collector)
         await asyncio.to_thread(self.store.close)
         self.metrics_server.close()
+        self.status_server.close()
         self.stopped.set()
         log.info("relay stopped")
 

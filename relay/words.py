@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 # Nouns whose plural is not the singular plus "s"; everything else the relay counts is regular.
 _IRREGULAR = {"is": "are", "was": "were", "entry": "entries", "address": "addresses"}
@@ -30,3 +31,25 @@ def summarize(names: Sequence[str], noun: str, shown: int = 5) -> str:
 def one_line(text: str) -> str:
     """Any run of whitespace, line breaks included, as one space: a reply or reason on one line."""
     return " ".join(text.split())
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+_AGE_UNITS = (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1))
+
+
+def age(seconds: float) -> str:
+    """Two units at most, like "3d4h" or "4m12s": enough to read at a glance."""
+    whole = int(seconds) if seconds > 0 else 0
+    if whole < 60:
+        return f"{whole}s"
+    for unit, size, small_unit, small_size in _AGE_UNITS:
+        if whole >= size:
+            big, rest = divmod(whole, size)
+            rest //= small_size
+            return f"{big}{unit}{rest}{small_unit}" if rest else f"{big}{unit}"
+    raise AssertionError("unreachable: the last unit is a minute")

@@ -74,6 +74,7 @@ _DOCUMENTED = {
     ),
     "retry": ("min", "max", "warn_after"),
     "metrics": ("listen",),
+    "status": ("listen", "public"),
     "dns": ("nameservers",),
     "log": ("format",),
     "domain": (

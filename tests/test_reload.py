@@ -57,6 +57,8 @@ CHANGES: dict[str, Any] = {
     "retry.max": "20m",
     "retry.warn_after": "1h",
     "metrics.listen": "127.0.0.2:0",
+    "status.listen": "127.0.0.2:0",
+    "status.public": True,
     "dns.nameservers": ["127.0.0.1:5353"],
     "log.format": "json",
     "domain.name": "example.org",
@@ -96,6 +98,8 @@ def _changed(data: dict[str, Any], key: str, tmp_path: Path) -> dict[str, Any]:
         data["domain"] = [{**data["domain"][0], key.split(".", 1)[1]: value}]
     elif key.startswith("tls."):
         data["tls"] = {"cert": placeholders["CERT"], "key": placeholders["KEY"]}
+    elif key == "status.listen":  # a listener of its own is for a public page only
+        data["status"] = {"listen": value, "public": True}
     elif "." in key:
         section, _, name = key.partition(".")
         data[section] = {**data.get(section, {}), name: value}
