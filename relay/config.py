@@ -334,6 +334,72 @@ def _etrn_clients(value: Any) -> tuple[str, ...]:
     return clients
 
 
+_LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_HOSTNAME = 253  # octets of a name in text form (RFC 1035 2.3.4, without the final dot)
+
+
+def hostname_problem(name: str) -> str | None:
+    """Why `name` cannot be our name in the banner, in EHLO and in Received, or None.
+
+    The name is written raw into every greeting and trace header: a CR LF in it would let a
+    config line inject whole SMTP replies, a space would break the EHLO syntax. So it is a host
+    name (LDH labels of 1-63 characters, 253 in all, RFC 1035 2.3.1 / RFC 1123 2.1) or an
+    address literal, `[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3), as Postfix's
+    valid_hostname() and valid_hostaddr() want for myhostname.
+    """
+    if name.startswith("["):
+        inside = name[1:-1] if name.endswith("]") else None
+        try:
+            if inside is None:
+                raise ValueError
+            if inside[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(inside[5:])
+            else:
+                ipaddress.IPv4Address(inside)
+        except ValueError:
+            return "not an address literal such as [192.0.2.1] or [IPv6:2001:db8::1]"
+        return None
+    if not name:
+        return "empty"
+    if len(name) > MAX_HOSTNAME:
+        return f"longer than {MAX_HOSTNAME} characters"
+    if bad := sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in ".-"))}):
+        shown = ", ".join(repr(c) for c in bad)
+        return f"{shown} not allowed: letters, digits, hyphens and dots only (or [address])"
+    for label in name.split("."):
+        if not label:
+            return "empty label (two dots in a row, or a leading dot)"
+        if len(label) > 63:
+            return f"label {label[:20]}… is longer than 63 characters"
+        if not _LDH_LABEL.fullmatch(label):
+            return f"label {label!r} starts or ends with a hyphen"
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return None
+    return f"an IP address is written as an address literal, [{name}]"
+
+
+def _hostname(value: Any) -> str:
+    name = _text(value).strip().rstrip(".")
+    if not name:
+        return ""  # the machine's name (_machine_name)
+    if (problem := hostname_problem(name)) is not None:
+        raise ValueError(f"bad host name {value!r}: {problem}")
+    return name
+
+
+def _machine_name(source: str, problems: list[str]) -> str:
+    """The machine's FQDN when `hostname` is not set: checked like a configured one."""
+    name = socket.getfqdn().rstrip(".")
+    if (problem := hostname_problem(name)) is not None:
+        problems.append(
+            f"{source}: hostname: not set, and this machine's name {name!r} is not usable:"
+            f" {problem}; set hostname"
+        )
+    return name
+
+
 def _domain_name(value: Any) -> str:
     name = _text(value).strip().lower().rstrip(".")
     if not name or not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", name.encode("idna").decode()):
@@ -537,7 +603,10 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validates a parsed TOML document; raises ConfigError listing every problem."""
     problems: list[str] = []
     top = _Reader(source, data, "", problems)
-    hostname = top.get("hostname", "", _text).strip().rstrip(".") or socket.getfqdn()
+    before = len(problems)
+    hostname = top.get("hostname", "", _hostname)
+    if not hostname:  # not set, or set wrong (then that is the problem to report, not this)
+        hostname = _machine_name(source, problems if len(problems) == before else [])
 
     def section(name: str) -> _Reader:
         top.seen.add(name)

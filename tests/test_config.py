@@ -392,3 +392,80 @@ def test_check_config_without_any_file_says_which_file_it_tried(tmp_path: Path) 
         result.stderr.decode()
         == f"{tmp_path}/absent.toml: cannot read: No such file or directory\n"
     )
+
+
+# -- hostname: written raw into the banner, EHLO and Received, so it must be a host name ------
+
+
+def with_hostname(tmp_path: Path, toml_value: str) -> Path:
+    """A valid config whose `hostname` line is `toml_value`, TOML escapes and all."""
+    return write(
+        tmp_path,
+        f'hostname = {toml_value}\npostmaster = "pm@a.test"\n'
+        f'[queue]\npath = "{tmp_path}/q.db"\n[[domain]]\nname = "{DOMAIN}"\n',
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml_value", "expected"),
+    [
+        (
+            r'"x\r\n250 injected"',
+            r"hostname: bad host name 'x\r\n250 injected': '\n', '\r', ' ' not allowed: letters,"
+            " digits, hyphens and dots only (or [address])",
+        ),
+        (
+            '"mx2 example.org"',
+            "hostname: bad host name 'mx2 example.org': ' ' not allowed: letters, digits, hyphens"
+            " and dots only (or [address])",
+        ),
+        ('"mx2..example.org"', "hostname: bad host name 'mx2..example.org': empty label"),
+        ('"-mx2.example.org"', "hostname: bad host name '-mx2.example.org': label '-mx2' starts"),
+        (f'"{"a" * 64}.org"', f"hostname: bad host name '{'a' * 64}.org': label {'a' * 20}…"),
+        (f'"{"a." * 127}org"', f"hostname: bad host name '{'a.' * 127}org': longer than 253"),
+        ('"[192.0.2.300]"', "hostname: bad host name '[192.0.2.300]': not an address literal"),
+        ('"[IPv6:192.0.2.1]"', "hostname: bad host name '[IPv6:192.0.2.1]': not an address"),
+        ('"192.0.2.1"', "hostname: bad host name '192.0.2.1': an IP address is written as an"),
+        ('"m\u00fcller.example"', "hostname: bad host name 'm\u00fcller.example': '\u00fc' not"),
+        ("25", "hostname: expected a string, got 25"),
+    ],
+)
+def test_a_hostname_that_is_not_a_host_name_is_refused_naming_what_is_wrong(
+    tmp_path: Path, toml_value: str, expected: str
+) -> None:
+    path = with_hostname(tmp_path, toml_value)
+    problems = problems_of(path)
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: {expected}"), problems
+    assert "\r" not in problems[0] and "\n" not in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("toml_value", "hostname"),
+    [
+        ('"mx2.example.org."', "mx2.example.org"),
+        ('"MX-2.Example.ORG"', "MX-2.Example.ORG"),
+        ('"localhost"', "localhost"),
+        (
+            f'"{"a" * 63}.{"b" * 63}.{"c" * 63}.{"d" * 61}"',
+            f"{'a' * 63}.{'b' * 63}.{'c' * 63}.{'d' * 61}",
+        ),
+        ('"[192.0.2.1]"', "[192.0.2.1]"),
+        ('"[IPv6:2001:db8::1]"', "[IPv6:2001:db8::1]"),
+        ('"xn--mller-kva.example"', "xn--mller-kva.example"),
+    ],
+)
+def test_host_names_and_address_literals_are_accepted(
+    tmp_path: Path, toml_value: str, hostname: str
+) -> None:
+    assert config.load(with_hostname(tmp_path, toml_value)).hostname == hostname
+
+
+def test_check_config_exits_2_on_a_hostname_that_would_inject_a_reply(tmp_path: Path) -> None:
+    path = with_hostname(tmp_path, r'"x\r\n250 injected"')
+    result = run_relay("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        rf"{path}: hostname: bad host name 'x\r\n250 injected': '\n', '\r', ' ' not allowed:"
+        " letters, digits, hyphens and dots only (or [address])\n"
+    )
