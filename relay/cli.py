@@ -31,6 +31,7 @@ from relay.store import (
     UnknownMessage,
     address_key,
 )
+from relay.store.files import unsafe_queue_files
 from relay.tls import TLS_MODES
 from relay.words import age, plural, rfc3339, summarize
 
@@ -90,6 +91,10 @@ def serve(config_path: str | None, log_format: str | None, allow_root: bool) -> 
             "cannot start: refusing to run as root; run as an unprivileged user (the systemd"
             f" unit has User=relay), or pass --allow-root (or set {ALLOW_ROOT_ENV}=1)"
         )
+    if unsafe := unsafe_queue_files(cfg.queue.path, os.geteuid()):
+        for found in unsafe:
+            click.echo(f"relay: cannot start: {found.message}; fix: {found.fix}", err=True)
+        sys.exit(1)
     logs.setup_logging(log_format or cfg.log.format)
     try:
         service.run(service.serve(cfg, chosen))

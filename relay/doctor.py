@@ -11,6 +11,8 @@ So the doctor asks what senders and the relay itself will meet:
 - primary: the primary answers SMTP (the fixed `primary` hosts, else the MX hosts preferred
            over us), with the same banner/EHLO/QUIT probe the scheduler uses;
 - tls:     the certificate loads, covers our `hostname` and is not expired or about to expire;
+- queue:   nobody but the server's user can write the queue file or its directory (the check
+           `relay serve` makes before it starts);
 - mta-sts: if the domain publishes MTA-STS (RFC 8461), its policy's `mx:` list covers us, since
            senders in enforce mode refuse any MX the policy does not name.
 
@@ -40,6 +42,7 @@ from relay.courier import SessionError, probe
 from relay.envelope import hostport
 from relay.mx import NXDOMAIN, Hop, RouteError, Router, is_local_address
 from relay.store import StorageError, Store
+from relay.store.files import queue_paths, unsafe_queue_files, user_name
 from relay.words import plural
 
 OK = "ok"
@@ -114,6 +117,7 @@ async def diagnose(
         check_address(context),
         check_sending(context),
         asyncio.to_thread(check_tls, cfg, clock()),
+        asyncio.to_thread(check_queue_files, cfg),
         *(_check_domain(context, domain) for domain in cfg.domains),
     )
     return [finding for group in groups for finding in group]
@@ -184,6 +188,28 @@ def check_recipients(domain: DomainConfig, primary_down: bool, known: int) -> li
         return [Finding(WARNING, "recipients", domain.name, message, fix)]
     message = f"{plural(known, 'mailbox', 'mailboxes')} known: accepted while the primary is down"
     return [Finding(OK, "recipients", domain.name, message)]
+
+
+def check_queue_files(cfg: Config) -> list[Finding]:
+    """Could anyone but the server's user change the queue (the check `relay serve` makes)?
+
+    The doctor may run as root or as the server's user, so the files are compared with the
+    owner of the queue directory (the user the server must run as), not with whoever asks.
+    """
+    directory = queue_paths(cfg.queue.path)[0][1]
+    try:
+        owner = directory.stat().st_uid
+    except FileNotFoundError:
+        message = f"{directory} does not exist yet: the server creates it (mode 0700) at start"
+        return [Finding(OK, "queue", cfg.queue.path, message)]
+    unsafe = unsafe_queue_files(cfg.queue.path, owner, "who owns the queue directory")
+    if unsafe:
+        return [Finding(PROBLEM, "queue", found.path, found.message, found.fix) for found in unsafe]
+    message = (
+        f"only {user_name(owner)} can write the queue and its directory: the server must run"
+        f" as {user_name(owner)}"
+    )
+    return [Finding(OK, "queue", cfg.queue.path, message)]
 
 
 def exit_code(findings: Iterable[Finding]) -> int:

@@ -209,6 +209,7 @@ async def test_a_correct_deployment_is_all_ok_and_exits_0(deployment: Deployment
         ("spf", OK),
         ("port25", INFO),
         ("tls", OK),
+        ("queue", OK),
         ("mx", OK),
         ("primary", OK),
         ("mta-sts", OK),
@@ -219,7 +220,7 @@ async def test_a_correct_deployment_is_all_ok_and_exits_0(deployment: Deployment
     assert deployment.primary.commands == [f"EHLO {ME}", "QUIT"]
     assert deployment.policies.requests == [f"/{DOMAIN}/.well-known/mta-sts.txt"]
     text = doctor.report_text(findings)
-    assert text.endswith("7 ok, 1 to check by hand, 0 warnings, 0 problems")
+    assert text.endswith("8 ok, 1 to check by hand, 0 warnings, 0 problems")
     assert "fix:" not in text
 
 
@@ -236,7 +237,7 @@ async def test_every_problem_comes_with_a_fix_and_makes_the_exit_status_1(
     text = doctor.report_text(findings)
     assert f"problem  mx         {DOMAIN}: MX 10 {PRIMARY}: no MX record names {ME}" in text
     assert f"fix: publish `{DOMAIN}. IN MX 20 {ME}.`" in text
-    assert text.endswith("5 ok, 1 to check by hand, 1 warning, 1 problem")
+    assert text.endswith("6 ok, 1 to check by hand, 1 warning, 1 problem")
 
 
 # -- MX records -------------------------------------------------------------------------------
@@ -840,7 +841,7 @@ async def test_the_command_prints_findings_with_fixes_and_exits_1_on_a_problem(
     assert result.returncode == 1, result.stderr
     assert f"problem  mx         {DOMAIN}: MX 10 {ME}: nothing is preferred" in out
     assert "\n                    fix: give the primary a lower number" in out
-    assert out.rstrip().endswith("4 ok, 1 to check by hand, 1 warning, 2 problems")
+    assert out.rstrip().endswith("5 ok, 1 to check by hand, 1 warning, 2 problems")
     assert "\n                    how: from a machine on another network: swaks --server" in out
 
 
@@ -853,7 +854,7 @@ async def test_the_command_prints_json_and_exits_0_when_all_is_well(
 
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert (report["ok"], report["info"], report["warning"], report["problem"]) == (7, 1, 0, 0)
+    assert (report["ok"], report["info"], report["warning"], report["problem"]) == (8, 1, 0, 0)
     assert report["findings"][0] == {
         "status": "ok",
         "check": "address",
