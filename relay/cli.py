@@ -6,7 +6,6 @@ an invalid configuration (click's own convention for usage errors).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from relay.store import (
 )
 from relay.store.files import unsafe_queue_files
 from relay.tls import TLS_MODES
-from relay.words import age, plural, rfc3339, summarize
+from relay.words import age, json_text, plural, printable_lines, rfc3339, summarize
 
 T = TypeVar("T")
 
@@ -42,8 +41,14 @@ DEFAULT_CONFIG = "/etc/relay/relay.toml"
 ALLOW_ROOT_ENV = "RELAY_ALLOW_ROOT"
 
 
+def echo(text: str, err: bool = False) -> None:
+    """Every line the CLI prints: addresses, HELO names and replies come from strangers, and a
+    control character among them would act on the operator's terminal (words.printable)."""
+    click.echo(printable_lines(text), err=err)
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"relay: {message}", err=True)
+    echo(f"relay: {message}", err=True)
     sys.exit(code)
 
 
@@ -53,7 +58,7 @@ def _load_config(path: str | None) -> tuple[Config, str]:
         return config_module.load(chosen), chosen
     except ConfigError as exc:
         for problem in exc.problems:
-            click.echo(problem, err=True)
+            echo(problem, err=True)
         sys.exit(2)
 
 
@@ -93,7 +98,7 @@ def serve(config_path: str | None, log_format: str | None, allow_root: bool) -> 
         )
     if unsafe := unsafe_queue_files(cfg.queue.path, os.geteuid()):
         for found in unsafe:
-            click.echo(f"relay: cannot start: {found.message}; fix: {found.fix}", err=True)
+            echo(f"relay: cannot start: {found.message}; fix: {found.fix}", err=True)
         sys.exit(1)
     logs.setup_logging(log_format or cfg.log.format)
     try:
@@ -124,7 +129,7 @@ def check_config(config_path: str | None, verbose: bool) -> None:
         if verbose
         else summarize(names, "domain")
     )
-    click.echo(f"{chosen}: ok (hostname {cfg.hostname}; {domains})")
+    echo(f"{chosen}: ok (hostname {cfg.hostname}; {domains})")
 
 
 def _open_store(config_path: str | None, cfg: Config | None = None) -> Store:
@@ -271,9 +276,9 @@ def queue(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
         return
     if as_json:
         rows = _with_store(config_path, lambda store: store.list_messages())
-        click.echo(json.dumps([message_json(r) for r in rows], indent=2, ensure_ascii=False))
+        echo(json_text([message_json(r) for r in rows], indent=2))
     else:
-        click.echo(_listing(_with_store(config_path, lambda store: store.listing()), time.time()))
+        echo(_listing(_with_store(config_path, lambda store: store.listing()), time.time()))
 
 
 def _queue_config(ctx: click.Context, config_path: str | None) -> str | None:
@@ -319,10 +324,13 @@ def show(ctx: click.Context, message_id: str, body: bool, config_path: str | Non
     out += [f"  {rfc3339(a.at)} <{a.address}> {attempt_path(a)}: {a.reply}" for a in row.attempts]
     if not row.attempts:
         out.append("  (none yet)")
-    click.echo("\n".join(out))
+    echo("\n".join(out))
     if data is not None:
-        click.echo("-" * 20 + " message " + "-" * 20)
-        sys.stdout.flush()
+        echo("-" * 20 + " message " + "-" * 20)
+        if sys.stdout.isatty():  # read by a person: a header from anyone may carry ESC too
+            echo(data.decode("utf-8", "surrogateescape").replace("\r\n", "\n").removesuffix("\n"))
+            return
+        sys.stdout.flush()  # piped (`> message.eml`): the bytes exactly as stored, like postcat
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
@@ -377,14 +385,14 @@ def _report(operated: Operated, verb: str, listed: bool) -> None:
     """
     if listed:
         for message_id in operated.done:
-            click.echo(f"{message_id}: {verb}")
+            echo(f"{message_id}: {verb}")
     else:
         phrase = "bounce requested for" if verb == "bounce requested" else verb
-        click.echo(f"{phrase} {plural(len(operated.done), 'message')}")
+        echo(f"{phrase} {plural(len(operated.done), 'message')}")
     for message_id in operated.skipped:
-        click.echo(f"{message_id}: held, not {verb} (release it first)")
+        echo(f"{message_id}: held, not {verb} (release it first)")
     for message_id in operated.missing:
-        click.echo(f"relay: {message_id}: no such message in the queue", err=True)
+        echo(f"relay: {message_id}: no such message in the queue", err=True)
     if operated.missing:
         sys.exit(1)
 
@@ -540,9 +548,9 @@ def recipients_import(source: Any, config_path: str | None) -> None:
             store.audit("import", addresses, actor())
 
     _with_store(config_path, lambda store: store.transaction(remember), cfg)
-    click.echo(f"imported {plural(len(addresses), 'address')}")
+    echo(f"imported {plural(len(addresses), 'address')}")
     for problem in problems:
-        click.echo(f"relay: {problem}", err=True)
+        echo(f"relay: {problem}", err=True)
     if problems:
         sys.exit(1)
 
@@ -560,11 +568,11 @@ def recipients_list(domain: str | None, as_json: bool, config_path: str | None) 
     rows.sort()
     if as_json:
         listing = [{"address": a, "exists": ok, "checked_at": rfc3339(at)} for a, ok, at in rows]
-        click.echo(json.dumps(listing, indent=2, ensure_ascii=False))
+        echo(json_text(listing, indent=2))
         return
     for address, accepted, at in rows:
-        click.echo(f"{address}  {'exists' if accepted else 'refused'}  {rfc3339(at)}")
-    click.echo(f"-- {plural(len(rows), 'address')}")
+        echo(f"{address}  {'exists' if accepted else 'refused'}  {rfc3339(at)}")
+    echo(f"-- {plural(len(rows), 'address')}")
 
 
 @recipients.command("forget")
@@ -581,10 +589,10 @@ def recipients_forget(addresses: tuple[str, ...], config_path: str | None) -> No
 
     known = _with_store(config_path, lambda store: store.transaction(forget))
     for key in known:
-        click.echo(f"{key}: forgotten")
+        echo(f"{key}: forgotten")
     missing = [a for a in addresses if address_key(a) not in known]
     for address in missing:
-        click.echo(f"relay: {address}: not remembered", err=True)
+        echo(f"relay: {address}: not remembered", err=True)
     if missing:
         sys.exit(1)
 
@@ -656,10 +664,10 @@ def domain_reroute(
         config_path, lambda store: store.set_reroute(name, where, tls, actor()), cfg
     )
     if where is None:
-        click.echo(f"{name}: mail goes to its primary{'' if changed else ' (already)'}")
+        echo(f"{name}: mail goes to its primary{'' if changed else ' (already)'}")
     else:
         suffix = f" (tls {tls})" if tls else ""
-        click.echo(f"{name}: mail goes to {where}{suffix}{'' if changed else ' (already)'}")
+        echo(f"{name}: mail goes to {where}{suffix}{'' if changed else ' (already)'}")
 
 
 @domain.command("pause")
@@ -675,7 +683,7 @@ def domain_pause(name: str, config_path: str | None) -> None:
     cfg, _ = _load_config(config_path)
     name = _configured_domain(cfg, name)
     changed = _with_store(config_path, lambda store: store.set_paused(name, True, actor()), cfg)
-    click.echo(f"{name}: delivery paused{'' if changed else ' (already)'}")
+    echo(f"{name}: delivery paused{'' if changed else ' (already)'}")
 
 
 @domain.command("resume")
@@ -686,7 +694,7 @@ def domain_resume(name: str, config_path: str | None) -> None:
     cfg, _ = _load_config(config_path)
     name = _configured_domain(cfg, name)
     changed = _with_store(config_path, lambda store: store.set_paused(name, False, actor()), cfg)
-    click.echo(f"{name}: delivery resumed{'' if changed else ' (was not paused)'}")
+    echo(f"{name}: delivery resumed{'' if changed else ' (was not paused)'}")
 
 
 @main.command()
@@ -701,28 +709,24 @@ def status(config_path: str | None, as_json: bool) -> None:
         cfg,
     )
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        echo(json_text(report, indent=2))
         return
-    click.echo(f"{'DOMAIN':<28} {'MSGS':>6} {'RCPTS':>6} {'OLDEST':>7} {'HELD':>5}  PRIMARY")
+    echo(f"{'DOMAIN':<28} {'MSGS':>6} {'RCPTS':>6} {'OLDEST':>7} {'HELD':>5}  PRIMARY")
     for row in report:
         oldest = age(row["oldest_age_seconds"]) if row["queued_messages"] else "-"
         primary = row["primary"] + (f" since {row['since']}" if row["since"] else "")
-        click.echo(
+        echo(
             f"{row['domain']:<28} {row['queued_messages']:>6} {row['queued_recipients']:>6}"
             f" {oldest:>7} {row['held_messages']:>5}  {primary}"
         )
         if row["last_error"]:
-            click.echo(f"{'':<28} last error: {row['last_error']}")
+            echo(f"{'':<28} last error: {row['last_error']}")
         if row["paused_since"]:
-            click.echo(
-                f"{'':<28} delivery paused since {row['paused_since']} (relay domain resume)"
-            )
+            echo(f"{'':<28} delivery paused since {row['paused_since']} (relay domain resume)")
         if row["rerouted_to"]:
             tls = f", tls {row['rerouted_tls']}" if row["rerouted_tls"] else ""
-            click.echo(
-                f"{'':<28} rerouted to {row['rerouted_to']}{tls} since {row['rerouted_since']}"
-            )
-    click.echo(
+            echo(f"{'':<28} rerouted to {row['rerouted_to']}{tls} since {row['rerouted_since']}")
+    echo(
         f"queue {cfg.queue.path}: {stats.size / 2**20:.1f} MB,"
         f" {plural(stats.free_pages, 'free page')} ({stats.free_share:.0%})"
     )
@@ -742,5 +746,5 @@ def doctor(config_path: str | None, as_json: bool) -> None:
     import asyncio  # here, not at the top: `relay queue` starts faster without it
 
     findings = asyncio.run(checks.diagnose(cfg))
-    click.echo(checks.report_json(findings) if as_json else checks.report_text(findings))
+    echo(checks.report_json(findings) if as_json else checks.report_text(findings))
     sys.exit(checks.exit_code(findings))

@@ -925,7 +925,7 @@ class IntakeHandler:
             len(message.body),
             len(recipients),
             session.client_ip,
-            _clean(message.helo),
+            message.helo,  # the log escapes what is not printable (words.printable)
             extra=fields(
                 queue_id=queue_id,
                 event="accepted",

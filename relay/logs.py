@@ -9,13 +9,14 @@ to the sentence, so a log shipper needs no regular expression to find a queue id
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import sys
 import threading
 import time
 from typing import Any, TextIO
+
+from relay.words import json_text, printable, printable_lines
 
 # The keys a line may carry, a contract with log shippers (docs/operations.md lists them).
 FIELDS = (
@@ -66,7 +67,7 @@ class JsonFormatter(logging.Formatter):
             entry.update(extra)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json_text(entry)
 
 
 class TextFormatter(logging.Formatter):
@@ -80,6 +81,18 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s")
         self._second = -1
         self._stamp = ""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The whole message, line breaks included: an address or a reply quoted in it must not
+        # start a line of its own or reach the terminal of whoever tails the log (words.printable).
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return printable_lines(super().formatStack(stack_info))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -53,3 +54,54 @@ def age(seconds: float) -> str:
             rest //= small_size
             return f"{big}{unit}{rest}{small_unit}" if rest else f"{big}{unit}"
     raise AssertionError("unreachable: the last unit is a minute")
+
+
+def _escape(char: str) -> str:
+    point = ord(char)
+    if 0xDC80 <= point <= 0xDCFF:  # an undecodable byte kept by surrogateescape: show the byte
+        return f"\\x{point - 0xDC00:02x}"
+    if point < 0x100:
+        return f"\\x{point:02x}"
+    return f"\\u{point:04x}" if point < 0x10000 else f"\\U{point:08x}"
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable written as an escape: ESC as `\\x1b`.
+
+    Addresses, HELO names and remote replies come from strangers and end up in log lines and
+    in what `relay queue` prints on the operator's terminal, where ESC ] 0 ; … BEL retitles the
+    window, a CR rewrites the line, U+202E reverses it and a line break forges a log line. Every
+    text log line and every line of CLI output goes through here (logs.TextFormatter, cli.echo);
+    JSON goes through `json_text`. Backslashes stay as they are: text that was printable reads
+    the same.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def printable_lines(text: str) -> str:
+    """`printable` line by line: text of several lines keeps them (a listing, a traceback)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def _json_escape(char: str) -> str:
+    point = ord(char)
+    if point < 0x10000:
+        return f"\\u{point:04x}"
+    point -= 0x10000  # JSON has only \uXXXX: a UTF-16 surrogate pair (RFC 8259 7)
+    return f"\\u{0xD800 + (point >> 10):04x}\\u{0xDC00 + (point & 0x3FF):04x}"
+
+
+def json_text(value: object, indent: int | None = None) -> str:
+    """`json.dumps(value)`, every non-printable character in it a \\u escape: the same value.
+
+    json.dumps escapes C0 controls but writes DEL, C1 controls, U+2028 or U+202E as they are
+    (with ensure_ascii=False, which keeps names in other scripts readable); a terminal showing
+    the JSON would act on them. Outside strings, JSON holds no such character except the
+    newlines of `indent`.
+    """
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else _json_escape(c) for c in text)
