@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay.envelope import domain_key
 from relay.tls import TLS_MODES
 
 T = TypeVar("T")
@@ -212,11 +213,12 @@ class Config:
     _by_name: dict[str, DomainConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_name", {d.name: d for d in self.domains})
+        object.__setattr__(self, "_by_name", {domain_key(d.name): d for d in self.domains})
 
     def domain(self, name: str) -> DomainConfig | None:
-        """The configured domain for `name`: case-insensitive and exact (no implied subdomains)."""
-        return self._by_name.get(name.lower().rstrip("."))
+        """The configured domain for `name`: ASCII case-insensitive, a U-label equal to its
+        A-label (envelope.domain_key), and exact (no implied subdomains)."""
+        return self._by_name.get(domain_key(name))
 
 
 class _Reader:
@@ -401,10 +403,12 @@ def _machine_name(source: str, problems: list[str]) -> str:
 
 
 def _domain_name(value: Any) -> str:
-    name = _text(value).strip().lower().rstrip(".")
-    if not name or not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", name.encode("idna").decode()):
+    name = _text(value).strip().rstrip(".")
+    # IDNA 2008, as mail for the domain is matched (envelope.domain_key), not Python's IDNA 2003;
+    # checked before any lower(), which would turn a Kelvin sign into a "k".
+    if not name or not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", domain_key(name)):
         raise ValueError(f"bad domain name {value!r}")
-    return name
+    return name.lower()
 
 
 def _primaries(value: Any) -> tuple[str, ...]:
@@ -644,9 +648,10 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         reader.finish()
         if domain is None:
             continue
-        if domain.name in seen_names:
+        key = domain_key(domain.name)  # a U-label and its A-label are one domain
+        if key in seen_names:
             problems.append(f"{source}: domain[{index}].name: {domain.name} is listed twice")
-        seen_names.add(domain.name)
+        seen_names.add(key)
         domains.append(domain)
     if not raw_domains:
         problems.append(

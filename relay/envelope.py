@@ -6,7 +6,11 @@ case-sensitive). The last "@" splits: a quoted local part may contain one.
 
 from __future__ import annotations
 
+import functools
 import re
+import string
+
+import idna
 
 
 def split(address: str) -> tuple[str, str]:
@@ -16,8 +20,45 @@ def split(address: str) -> tuple[str, str]:
 
 
 def domain_of(address: str) -> str:
-    """The domain of `address`, lower case, without a final dot."""
-    return split(address)[1].lower().rstrip(".")
+    """The domain of `address` as `domain_key` gives it: what configured names are matched with."""
+    return domain_key(split(address)[1])
+
+
+def domain_key(domain: str) -> str:
+    """`domain` in A-labels, ASCII letters in lower case, without a final dot.
+
+    Domains compare ASCII case-insensitively (RFC 5321 2.4), and an internationalized name as
+    its A-labels (RFC 5890): `müller.test` is `xn--mller-kva.test`. Never `str.lower()` on the
+    rest of Unicode: it folds the Kelvin sign to "k", so `ban\u212a.test` would be taken for
+    `bank.test`. A name that is not valid IDNA 2008 is returned as it is (ASCII lowered), which
+    no configured name can equal; `address_problem` refuses it.
+    """
+    name = domain.rstrip(".")
+    if name.isascii():
+        return name.lower()
+    return _a_labels(_ascii_lower(name)) or _ascii_lower(name)
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _ascii_lower(text: str) -> str:
+    return text.translate(_ASCII_LOWER)
+
+
+@functools.lru_cache(maxsize=4096)
+def _a_labels(name: str) -> str | None:
+    """The A-label form of `name` (IDNA 2008, no UTS 46 mapping), or None when invalid."""
+    labels = []
+    for label in name.split("."):
+        if label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append(idna.alabel(label).decode("ascii"))
+        except (idna.IDNAError, UnicodeError):
+            return None
+    return ".".join(labels)
 
 
 def hostport(host: str, port: int) -> str:
@@ -51,4 +92,6 @@ def address_problem(address: str) -> str | None:
         return f"local part longer than {MAX_LOCAL_PART} octets"
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
         return f"domain longer than {MAX_DOMAIN} octets"
+    if not domain.isascii() and _a_labels(_ascii_lower(domain.rstrip("."))) is None:
+        return "domain is not a valid internationalized name (IDNA 2008)"
     return None
