@@ -11,15 +11,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import pty
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from relay.logs import JsonFormatter, TextFormatter
+from relay.store import NewMessage, NewRecipient
 from relay.words import json_text, printable
-from tests.conftest import DOMAIN, RelayProcess, conversation, dot_stuff, run_relay, write_config
+from tests.conftest import (
+    DEADLINE,
+    DOMAIN,
+    RelayProcess,
+    conversation,
+    dot_stuff,
+    make_config,
+    open_store,
+    relay_command,
+    relay_env,
+    run_relay,
+    write_config,
+)
 
 OSC_TITLE = "\x1b]0;pwned\x07"  # xterm: set the window title to "pwned"
 
@@ -123,3 +140,53 @@ async def test_hostile_text_accepted_over_smtp_reaches_log_and_queue_listing_esc
     (message,) = json.loads(as_json.stdout)
     assert message["sender"] == sender
     assert message["recipients"][0]["address"] == recipient
+
+
+def on_a_terminal(*args: str) -> bytes:
+    """What `relay ARGS…` writes when its standard output is a terminal (a pseudo-terminal)."""
+    primary, secondary = pty.openpty()
+    try:
+        with subprocess.Popen(
+            relay_command(*args), env=relay_env(), stdout=secondary, stderr=subprocess.PIPE
+        ) as process:
+            os.close(secondary)
+            output = bytearray()
+            while True:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # EIO: the command exited and closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            assert process.stderr is not None
+            errors = process.stderr.read()
+            assert process.wait(DEADLINE) == 0, errors
+        return bytes(output)
+    finally:
+        os.close(primary)
+
+
+def test_queue_show_body_is_escaped_on_a_terminal_and_exact_when_piped(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    content = f"Subject: {OSC_TITLE}hi\r\nX-Bidi: \u202egnp.exe\r\n\r\nbody\r\n".encode()
+    with open_store(make_config(tmp_path).queue.path) as store:
+        store.put(
+            NewMessage(
+                id="25XQTERMINAL0001",
+                sender="s@client.test",
+                recipients=(NewRecipient(f"r@{DOMAIN}"),),
+                body=content,
+                received_at=time.time(),
+                client_ip="127.0.0.1",
+                helo="client.test",
+            )
+        )
+    args = ("queue", "show", "25XQTERMINAL0001", "--body", "--config", str(config))
+
+    piped = run_relay(*args)
+    shown = on_a_terminal(*args).decode().replace("\r\n", "\n")  # the tty adds CRs
+
+    assert piped.stdout.endswith(b"-" * 20 + b" message " + b"-" * 20 + b"\n" + content)
+    assert raw_characters(shown) == [], shown
+    assert shown.endswith("Subject: \\x1b]0;pwned\\x07hi\nX-Bidi: \\u202egnp.exe\n\nbody\n"), shown
