@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ ACCEPT_MODES = ("always", "when_primary_down")
 EXPIRY_ACTIONS = ("bounce", "hold")
 UNKNOWN_WHILE_DOWN = ("tempfail", "accept")
 LOG_FORMATS = ("text", "json")
+RSPAMD_FAILURE = ("accept", "tempfail")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -170,6 +172,19 @@ class StatusConfig:
 
 
 @dataclass(frozen=True)
+class SpamConfig:
+    """Content checks at the end of DATA, before the 250 (relay.rspamd)."""
+
+    rspamd: str = ""  # "http://host:port" of rspamd's normal worker; "" = no content check
+    # What a message gets when rspamd cannot answer in time: a backup MX that refuses mail
+    # because its filter is down sends it back to a primary that is down too, so "accept".
+    rspamd_failure: str = "accept"
+    # Longer than rspamd's own task_timeout (8s), so that a slow scan ends with rspamd's
+    # partial answer rather than our giving up; far below the 10 minutes a client waits.
+    rspamd_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     nameservers: tuple[str, ...] = ()
 
@@ -204,6 +219,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    spam: SpamConfig = field(default_factory=SpamConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Where mail for our own postmaster goes (RCPT TO:<postmaster>, postmaster@ and abuse@ our
@@ -463,6 +479,41 @@ def _read_status(r: _Reader) -> StatusConfig:
     return status
 
 
+def _rspamd_url(value: Any) -> str:
+    """rspamd's normal worker speaks plain HTTP (RFC 9112) on a port of its own, 11333 unless
+    configured otherwise; a path is kept for an rspamd behind a proxy."""
+    text = _text(value).strip()
+    if not text:
+        return ""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme != "http":
+        raise ValueError(
+            f"expected an http:// URL such as http://127.0.0.1:11333, got {value!r}"
+            " (rspamd's worker speaks plain HTTP: keep it on loopback or a private network)"
+        )
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {value!r}") from exc
+    if not parts.hostname or parts.username or parts.query or parts.fragment:
+        raise ValueError(f"expected http://host:port, got {value!r}")
+    if port == 0:
+        raise ValueError(f"bad port in {value!r}")
+    return text
+
+
+def _read_spam(r: _Reader) -> SpamConfig:
+    d = SpamConfig()
+    spam = SpamConfig(
+        rspamd=r.get("rspamd", d.rspamd, _rspamd_url),
+        rspamd_failure=r.get("rspamd_failure", d.rspamd_failure, _choice(RSPAMD_FAILURE)),
+        rspamd_timeout=r.get("rspamd_timeout", d.rspamd_timeout, parse_duration),
+    )
+    if spam.rspamd_timeout <= 0:
+        r.problem("rspamd_timeout", "must be greater than 0")
+    return spam
+
+
 def _read_tls(r: _Reader) -> TlsConfig:
     tls = TlsConfig(cert=r.get("cert", "", _text), key=r.get("key", "", _text))
     if bool(tls.cert) != bool(tls.key):
@@ -580,8 +631,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     changed = [] if old.hostname == new.hostname else ["hostname"]
     if old.postmaster != new.postmaster:
         changed.append("postmaster")
-    sections = ("smtp", "tls", "queue", "delivery", "retry", "metrics", "status", "dns", "log")
-    for section in sections:
+    sections = ("smtp", "tls", "queue", "delivery", "retry", "metrics", "status", "spam")
+    for section in (*sections, "dns", "log"):
         before, after = getattr(old, section), getattr(new, section)
         changed += [
             f"{section}.{f.name}"
@@ -619,7 +670,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         )
 
     readers = {name: section(name) for name in ("smtp", "tls", "queue", "delivery", "retry")}
-    readers |= {name: section(name) for name in ("metrics", "status", "dns", "log")}
+    readers |= {name: section(name) for name in ("metrics", "status", "spam", "dns", "log")}
     smtp = _read_smtp(readers["smtp"])
     tls = _read_tls(readers["tls"])
     queue = _read_queue(readers["queue"])
@@ -629,6 +680,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         listen=readers["metrics"].get("listen", MetricsConfig().listen, _optional_listen)
     )
     status = _read_status(readers["status"])
+    spam = _read_spam(readers["spam"])
     dns = DnsConfig(nameservers=readers["dns"].get("nameservers", (), _nameservers))
     log = LogConfig(format=readers["log"].get("format", "text", _choice(LOG_FORMATS)))
 
@@ -680,6 +732,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         retry=retry,
         metrics=metrics,
         status=status,
+        spam=spam,
         dns=dns,
         log=log,
         postmaster=postmaster,

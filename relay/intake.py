@@ -25,7 +25,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session, syntax
 
-from relay import metrics
+from relay import metrics, rspamd
 from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
 from relay.config import Config
 from relay.envelope import address_problem
@@ -881,6 +881,13 @@ class IntakeHandler:
         now = self.clock()
         queue_id = new_queue_id(now)
         recipients = tuple(envelope.recipients)
+        if config.spam.rspamd:  # content filtering, before anything is stored (relay.rspamd)
+            sent = (envelope.mail_from or "", tuple(r.address for r in recipients), queue_id)
+            transaction = rspamd.Transaction(session.client_ip, session.host_name or "", *sent)
+            checked = await rspamd.scan(config.spam, transaction, content)
+            if checked.reply is not None:
+                return checked.reply
+            content = checked.content
         header = received_header(
             helo=session.host_name or "",
             client_ip=session.client_ip,

@@ -34,6 +34,19 @@ messages_rejected = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+spam_check_duration = Histogram(
+    "relay_spam_check_duration_seconds",
+    "Time a message waited at the end of DATA for a spam check (rspamd), answered or not.",
+    ["check"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+spam_checks = Counter(
+    "relay_spam_checks",
+    "Messages checked for spam, by check and result: the action it answered, or timeout/error.",
+    ["check", "result"],
+    registry=REGISTRY,
+)
 deliveries = Counter(
     "relay_deliveries",
     "Per-recipient delivery outcomes: delivered, deferred or bounced.",

@@ -75,6 +75,7 @@ _DOCUMENTED = {
     "retry": ("min", "max", "warn_after"),
     "metrics": ("listen",),
     "status": ("listen", "public"),
+    "spam": ("rspamd", "rspamd_failure", "rspamd_timeout"),
     "dns": ("nameservers",),
     "log": ("format",),
     "domain": (
@@ -420,6 +421,7 @@ def test_production_config_is_valid_and_its_unchanged_keys_are_the_loader_defaul
     assert loaded.delivery == config.DeliveryConfig()
     assert loaded.retry == config.RetryConfig()
     assert loaded.metrics == config.MetricsConfig()
+    assert loaded.spam == config.SpamConfig()
     assert loaded.dns == config.DnsConfig()
     assert loaded.log == config.LogConfig()
     assert loaded.domains == (config.DomainConfig(name="example.org", verify="callout"),)
