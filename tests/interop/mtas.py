@@ -54,6 +54,7 @@ _TRACE_FIELD = re.compile(rb"^Received:", re.IGNORECASE)
 def missing_tools() -> list[str]:
     """The programs of the interop suite that are not installed (tests/interop/install.sh)."""
     wanted = ["postfix", "sendmail", "smtp-sink", "swaks", "dnsmasq", "unshare", "chromium"]
+    wanted.append("rspamd")
     missing = [tool for tool in wanted if shutil.which(tool, path=_PATH) is None]
     missing += [str(path) for path in (EXIM, OPENSMTPD) if not path.exists()]
     return missing
