@@ -46,6 +46,8 @@ MESSAGE = (
     b"\r\n"
     b"Hello Bob.\r\n"
 )
+# MESSAGE as stored after a check: the sender's own X-Spam headers gone, the rest as sent.
+UNTAGGED = MESSAGE.replace(b"X-Spam: No\r\nX-Spam-Score: -100\r\n", b"")
 
 
 @pytest.fixture
@@ -170,14 +172,7 @@ async def test_no_action_accepts_with_the_score_and_without_the_senders_spam_hea
     server = await relay_factory(spam={"rspamd": fake.url})
     before = await metric_values(server)
     assert (await send(server)).code == 250
-    assert stored_message(server) == (
-        b"X-Spam-Score: 1.50 / 15.00\r\n"
-        b"From: <sender@client.test>\r\n"
-        b"To: <bob@example.test>\r\n"
-        b"Subject: quarterly figures\r\n"
-        b"\r\n"
-        b"Hello Bob.\r\n"
-    )
+    assert stored_message(server) == (b"X-Spam-Score: 1.50 / 15.00\r\n" + UNTAGGED)
     change = increase(before, await metric_values(server))
     assert change.pop("duration_sum") > 0
     assert change == {"checks_no_action": 1, "duration_count": 1}
@@ -206,12 +201,7 @@ async def test_add_header_tags_the_message_with_rspamds_headers(
         b"X-Spam-Score: 7.25 / 15.00\r\n"
         b"X-Spamd-Result: default: False [7.25 / 15.00];\r\n"
         b" BAYES_SPAM(5.1)\r\n"
-        b"X-Rspamd-Server: scanner1\r\n"
-        b"From: <sender@client.test>\r\n"
-        b"To: <bob@example.test>\r\n"
-        b"Subject: quarterly figures\r\n"
-        b"\r\n"
-        b"Hello Bob.\r\n"
+        b"X-Rspamd-Server: scanner1\r\n" + UNTAGGED
     )
 
 
@@ -275,14 +265,7 @@ async def test_rspamd_down_accepts_unchecked_with_a_header_and_a_count(
     server = await relay_factory(spam={"rspamd": url})
     before = await metric_values(server)
     assert (await send(server)).code == 250
-    assert stored_message(server) == (
-        b"X-Spam-Unchecked: yes (rspamd error)\r\n"
-        b"From: <sender@client.test>\r\n"
-        b"To: <bob@example.test>\r\n"
-        b"Subject: quarterly figures\r\n"
-        b"\r\n"
-        b"Hello Bob.\r\n"
-    )
+    assert stored_message(server) == (b"X-Spam-Unchecked: yes (rspamd error)\r\n" + UNTAGGED)
     change = increase(before, await metric_values(server))
     change.pop("duration_sum", None)
     assert change == {"checks_error": 1, "duration_count": 1}
