@@ -123,22 +123,23 @@ def _value(text: str) -> str:
     return _CONTROL.sub("?", text)
 
 
-def request(url: str, transaction: Transaction, content: bytes) -> bytes:
-    """The whole HTTP request: rspamd's protocol takes the envelope as request headers."""
+def request_head(url: str, transaction: Transaction, length: int) -> bytes:
+    """The HTTP request up to its body: rspamd's protocol takes the envelope as headers. The
+    message follows as it is, not copied into one buffer with this (it may be 50 MB)."""
     host, port, path = endpoint(url)
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [
         f"POST {path} HTTP/1.1",
         f"Host: {authority}",
         "Connection: close",
-        f"Content-Length: {len(content)}",
+        f"Content-Length: {length}",
         f"Queue-Id: {_value(transaction.queue_id)}",
         f"IP: {_value(transaction.client_ip)}",
         f"Helo: {_value(transaction.helo)}",
         f"From: <{_value(transaction.sender)}>",
         *(f"Rcpt: <{_value(recipient)}>" for recipient in transaction.recipients),
     ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + content
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
 async def _read_response(reader: asyncio.StreamReader) -> bytes:
@@ -178,7 +179,8 @@ async def ask(url: str, transaction: Transaction, content: bytes) -> Answer:
     except OSError as exc:
         raise RspamdError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
     try:
-        writer.write(request(url, transaction, content))
+        writer.write(request_head(url, transaction, len(content)))
+        writer.write(content)
         await writer.drain()
         body = await _read_response(reader)
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
