@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LOCAL_DNS, RelayProcess
+from conftest import LOCAL_DNS, RelayProcess, wait_for
 
 from tests.interop.mtas import Server, free_port, wait_until, workspace
 from tests.interop.support import (
@@ -184,13 +184,17 @@ def relay(
 
 def task_line(rspamd: Rspamd, queue_id: str) -> str:
     """rspamd's log line for the task the relay sent with this Queue-Id: rspamd's verdict."""
-    lines = [
-        line
-        for line in rspamd.task_log().splitlines()
-        if "rspamd_task_write_log" in line and f"qid: <{queue_id}>" in line
-    ]
-    assert len(lines) == 1, rspamd.task_log()[-4000:]
-    return lines[0]
+
+    def lines() -> list[str]:
+        return [
+            line
+            for line in rspamd.task_log().splitlines()
+            if "rspamd_task_write_log" in line and f"qid: <{queue_id}>" in line
+        ]
+
+    found: list[str] = wait_for(lines, f"rspamd's log line for {queue_id}")
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_gtube_is_refused_550_and_nothing_is_queued(rspamd: Rspamd, relay: RelayProcess) -> None:
@@ -203,8 +207,9 @@ def test_gtube_is_refused_550_and_nothing_is_queued(rspamd: Rspamd, relay: Relay
     assert (code, text) == (550, b"5.7.1 Spam message rejected")
     assert queue_empty(relay.config_path.parent / "queue" / "queue.db")
     # The relay's log and rspamd's join on the queue id the relay sent as Queue-Id.
-    found = re.search(r"(\S+): reject DATA from \[([\d.]+)\]: rspamd action=reject", relay.log())
-    assert found, relay.log()
+    # The relay writes its log from a thread of its own: wait for the line.
+    pattern = re.compile(r"(\S+): reject DATA from \[([\d.]+)\]: rspamd action=reject")
+    found = wait_for(lambda: pattern.search(relay.log()), "the relay's reject line")
     line = task_line(rspamd, found.group(1))
     assert "(reject): [15.00/15.00] [GTUBE(" in line, line
     assert f"ip: {found.group(2)}, from: <alice@client.test>," in line, line
