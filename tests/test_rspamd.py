@@ -396,3 +396,24 @@ def test_the_url_names_host_port_and_path(
 ) -> None:
     assert make_config(tmp_path, spam={"rspamd": url}).spam.rspamd == url
     assert rspamd.endpoint(url) == endpoint
+
+
+@pytest.mark.parametrize("action", ["discard", "quarantine"])
+async def test_discard_and_quarantine_are_kept_tagged_never_dropped(
+    relay_factory: RelayFactory, fake: FakeRspamd, action: str
+) -> None:
+    fake.answer = {"action": action, "score": 30, "required_score": 15}
+    server = await relay_factory(spam={"rspamd": fake.url})
+    before = await metric_values(server)
+    assert (await send(server)).code == 250
+    assert stored_message(server) == b"X-Spam: Yes\r\nX-Spam-Score: 30.00 / 15.00\r\n" + UNTAGGED
+    assert increase(before, await metric_values(server)).get("rejected") is None
+
+
+def test_milter_headers_may_come_as_strings_objects_or_lists() -> None:
+    answer = rspamd.parse_answer(
+        b'{"action": "no action", "milter": {"add_headers": {'
+        b'"X-A": "1", "X-B": {"value": "2", "order": 0}, "X-C": [{"value": "3"}, "4"],'
+        b' "Bad Name": "5", "X-D": 6}}}'
+    )
+    assert answer.add_headers == (("X-A", "1"), ("X-B", "2"), ("X-C", "3"), ("X-C", "4"))
