@@ -24,7 +24,7 @@ KEEP_LOGGED = 30 * 86400.0
 # The actions that change the remembered recipients (relay.policy re-reads them after one).
 RECIPIENT_ACTIONS = ("import", "forget")
 # The actions that steer a domain (relay domain ...): the scheduler re-reads them after one.
-DOMAIN_ACTIONS = ("reroute", "unroute", "pause", "resume")
+DOMAIN_ACTIONS = ("reroute", "unroute", "pause", "resume", "rescue")
 
 
 def steers_a_domain(entry: AuditEntry) -> bool:

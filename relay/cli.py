@@ -10,12 +10,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
 from relay import config as config_module
-from relay.config import Config, ConfigError, parse_hostport
+from relay.config import Config, ConfigError, DomainConfig, parse_hostport
 from relay.status import status_report
 from relay.store import (
     HELD,
@@ -697,6 +698,131 @@ def domain_resume(name: str, config_path: str | None) -> None:
     echo(f"{name}: delivery resumed{'' if changed else ' (was not paused)'}")
 
 
+# -- relay rescue ------------------------------------------------------------------------------
+
+
+@main.group()
+def rescue() -> None:
+    """Rescue mailboxes: people read the mail held for them over IMAP (Dovecot) during an outage.
+
+    Copies appear once a domain with `rescue = true` has had its primary down for `rescue_after`
+    (or after `relay rescue on`); the originals are still delivered to the primary.
+    """
+
+
+def _rescue_address(cfg: Config, address: str) -> tuple[str, DomainConfig]:
+    from relay import rescue as rescue_module
+
+    address = address.strip().strip("<>")
+    local, _, domain_name = address.rpartition("@")
+    settings = cfg.domain(domain_name.lower().rstrip(".")) if local else None
+    if settings is None:
+        raise click.BadParameter(f"{address} is not an address of a configured domain")
+    if rescue_module.maildir_of(Path(cfg.rescue.path), address) is None:
+        raise click.BadParameter(
+            f"{address} cannot have a rescue mailbox: only letters, digits and . _ + - in the"
+            " local part (it names a directory)"
+        )
+    return address.lower(), settings
+
+
+@rescue.command("grant")
+@click.argument("address")
+@config_option
+def rescue_grant(address: str, config_path: str | None) -> None:
+    """Give ADDRESS access to its rescue mailbox, or reset it: prints a new password, once."""
+    from relay import rescue as rescue_module
+
+    cfg, _ = _load_config(config_path)
+    address, settings = _rescue_address(cfg, address)
+    path = rescue_module.passwd_path(cfg)
+    entries = rescue_module.read_access(path)
+    password, hashed = rescue_module.new_password()
+    renewed = address in entries
+    entries[address] = hashed
+    rescue_module.write_access(path, entries)
+    echo(f"{address}: {'password reset' if renewed else 'access granted'}")
+    echo(f"password: {password}")
+    echo(f"IMAP user name: {address} (see docs/operations.md, 'A long outage')")
+    if not settings.rescue:
+        echo(
+            f"relay: note: rescue is off for {settings.name}: set rescue = true, or run"
+            f" relay rescue on {settings.name}",
+            err=True,
+        )
+
+
+@rescue.command("revoke")
+@click.argument("address")
+@config_option
+def rescue_revoke(address: str, config_path: str | None) -> None:
+    """Take ADDRESS's access away (its copies stay until they expire)."""
+    from relay import rescue as rescue_module
+
+    cfg, _ = _load_config(config_path)
+    address, _settings = _rescue_address(cfg, address)
+    path = rescue_module.passwd_path(cfg)
+    entries = rescue_module.read_access(path)
+    if entries.pop(address, None) is None:
+        _fail(f"{address} has no access")
+    rescue_module.write_access(path, entries)
+    echo(f"{address}: access revoked")
+
+
+@rescue.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@config_option
+def rescue_list(as_json: bool, config_path: str | None) -> None:
+    """Who has access to a rescue mailbox, and how many messages it holds."""
+    from relay import rescue as rescue_module
+
+    cfg, _ = _load_config(config_path)
+    root = Path(cfg.rescue.path)
+    rows: list[tuple[str, int]] = []
+    for address in sorted(rescue_module.read_access(rescue_module.passwd_path(cfg))):
+        maildir = rescue_module.maildir_of(root, address)
+        rows.append((address, rescue_module.count_messages(maildir) if maildir else 0))
+    if as_json:
+        listing = [{"address": address, "messages": count} for address, count in rows]
+        echo(json_text(listing, indent=2))
+        return
+    for address, count in rows:
+        echo(f"{address}  {plural(count, 'message')}")
+    echo(f"-- {plural(len(rows), 'person', 'people')} with access")
+
+
+def _rescue_mode(name: str, mode: str | None, config_path: str | None) -> None:
+    cfg, _ = _load_config(config_path)
+    name = _configured_domain(cfg, name)
+    changed = _with_store(config_path, lambda store: store.set_rescue(name, mode, actor()), cfg)
+    said = {"on": "on, by hand", "off": "off, by hand", None: "automatic (rescue_after)"}[mode]
+    echo(f"{name}: rescue mailboxes {said}{'' if changed else ' (already)'}")
+
+
+@rescue.command("on")
+@click.argument("name", metavar="DOMAIN")
+@config_option
+def rescue_on(name: str, config_path: str | None) -> None:
+    """Fill DOMAIN's rescue mailboxes now, whatever rescue_after says."""
+    _rescue_mode(name, "on", config_path)
+
+
+@rescue.command("off")
+@click.argument("name", metavar="DOMAIN")
+@config_option
+def rescue_off(name: str, config_path: str | None) -> None:
+    """Stop copying DOMAIN's mail to rescue mailboxes (copies made stay until they expire)."""
+    _rescue_mode(name, "off", config_path)
+
+
+@rescue.command("auto")
+@click.argument("name", metavar="DOMAIN")
+@config_option
+def rescue_auto(name: str, config_path: str | None) -> None:
+    """Back to the rule: rescue = true and the primary down for rescue_after."""
+    _rescue_mode(name, None, config_path)
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -723,6 +849,9 @@ def status(config_path: str | None, as_json: bool) -> None:
             echo(f"{'':<28} last error: {row['last_error']}")
         if row["paused_since"]:
             echo(f"{'':<28} delivery paused since {row['paused_since']} (relay domain resume)")
+            echo(f"{'':<28} delivery paused since {row['paused_since']} (relay domain resume)")
+        if row["rescue_active"]:
+            echo(f"{'':<28} rescue mailboxes active (relay rescue list)")
         if row["rerouted_to"]:
             tls = f", tls {row['rerouted_tls']}" if row["rerouted_tls"] else ""
             echo(f"{'':<28} rerouted to {row['rerouted_to']}{tls} since {row['rerouted_since']}")

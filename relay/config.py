@@ -163,6 +163,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RescueConfig:
+    # Where rescue Maildirs live (<path>/<domain>/<local>/) and Dovecot's passwd-file
+    # (<path>/passwd); "" means `rescue` next to the queue file.
+    path: str = ""
+
+
+@dataclass(frozen=True)
 class StatusConfig:
     """The /status page for the people waiting for their mail (relay.status)."""
 
@@ -206,6 +213,11 @@ class DomainConfig:
     verify_negative_ttl: float = 3600.0
     verify_unknown_while_down: str = "tempfail"
     accept: str = "always"
+    # Rescue mailboxes (relay.rescue): copies of held mail people can read over IMAP (Dovecot)
+    # once the primary has been down for rescue_after; removed rescue_keep after delivery.
+    rescue: bool = False
+    rescue_after: float = 30 * 60.0
+    rescue_keep: float = 2 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -220,6 +232,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     spam: SpamConfig = field(default_factory=SpamConfig)
+    rescue: RescueConfig = field(default_factory=RescueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Where mail for our own postmaster goes (RCPT TO:<postmaster>, postmaster@ and abuse@ our
@@ -577,6 +590,9 @@ def _read_domain(r: _Reader) -> DomainConfig | None:
             "verify_unknown_while_down", d.verify_unknown_while_down, _choice(UNKNOWN_WHILE_DOWN)
         ),
         accept=r.get("accept", d.accept, _choice(ACCEPT_MODES)),
+        rescue=r.get("rescue", d.rescue, _flag),
+        rescue_after=r.get("rescue_after", d.rescue_after, parse_duration),
+        rescue_keep=r.get("rescue_keep", d.rescue_keep, parse_duration),
     )
     if "name" not in r.table:
         r.problem("name", "missing: every [[domain]] needs a name")
@@ -631,8 +647,11 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     changed = [] if old.hostname == new.hostname else ["hostname"]
     if old.postmaster != new.postmaster:
         changed.append("postmaster")
-    sections = ("smtp", "tls", "queue", "delivery", "retry", "metrics", "status", "spam")
-    for section in (*sections, "dns", "log"):
+    sections = (
+        *("smtp", "tls", "queue", "delivery", "retry"),
+        *("metrics", "status", "rescue", "spam", "dns", "log"),
+    )
+    for section in sections:
         before, after = getattr(old, section), getattr(new, section)
         changed += [
             f"{section}.{f.name}"
@@ -670,7 +689,8 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         )
 
     readers = {name: section(name) for name in ("smtp", "tls", "queue", "delivery", "retry")}
-    readers |= {name: section(name) for name in ("metrics", "status", "spam", "dns", "log")}
+    readers |= {name: section(name) for name in ("metrics", "status", "rescue", "spam")}
+    readers |= {name: section(name) for name in ("dns", "log")}
     smtp = _read_smtp(readers["smtp"])
     tls = _read_tls(readers["tls"])
     queue = _read_queue(readers["queue"])
@@ -681,6 +701,10 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     )
     status = _read_status(readers["status"])
     spam = _read_spam(readers["spam"])
+    rescue = RescueConfig(
+        path=readers["rescue"].get("path", "", _text)
+        or str(Path(queue.path).resolve().parent / "rescue")
+    )
     dns = DnsConfig(nameservers=readers["dns"].get("nameservers", (), _nameservers))
     log = LogConfig(format=readers["log"].get("format", "text", _choice(LOG_FORMATS)))
 
@@ -733,6 +757,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         metrics=metrics,
         status=status,
         spam=spam,
+        rescue=rescue,
         dns=dns,
         log=log,
         postmaster=postmaster,

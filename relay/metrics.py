@@ -132,6 +132,20 @@ def set_domain_states(states: dict[str, str]) -> None:
             domain_state.labels(domain, state).set(int(state == current))
 
 
+rescue_messages = Gauge(
+    "relay_rescue_messages",
+    "Copies in the domain's rescue mailboxes (relay rescue): their originals still waiting, or"
+    " delivered less than rescue_keep ago.",
+    ["domain"],
+    registry=REGISTRY,
+)
+rescue_active = Gauge(
+    "relay_rescue_active",
+    "1 while held mail for the domain is copied to rescue mailboxes (the primary down for"
+    " rescue_after, or relay rescue on).",
+    ["domain"],
+    registry=REGISTRY,
+)
 smtp_stress = Gauge(
     "relay_smtp_stress",
     "1 while more than 80 % of smtp.max_connections are in use: timeouts are"

@@ -108,8 +108,12 @@ class RecipientLists:
         for state in self._files.values():
             state.signature = None
 
-    def lookup(self, settings: DomainConfig, address: str) -> bool | None:
-        """True when listed, False when lists exist but do not name it, None when no list."""
+    def lookup(self, settings: DomainConfig, address: str, wildcard: bool = True) -> bool | None:
+        """True when listed, False when lists exist but do not name it, None when no list.
+
+        With `wildcard` False a `*` entry names nobody: it says the domain takes any address,
+        not that this one is a person.
+        """
         if not settings.recipients and not settings.recipients_file:
             return None
         entries = self._static_entries(settings)
@@ -117,7 +121,7 @@ class RecipientLists:
             entries = entries | self._file_entries(settings.recipients_file)
         lowered = address.lower()
         local = lowered.rpartition("@")[0]
-        return "*" in entries or lowered in entries or local in entries
+        return (wildcard and "*" in entries) or lowered in entries or local in entries
 
     def _static_entries(self, settings: DomainConfig) -> frozenset[str]:
         cached = self._static.get(settings.name)
@@ -360,6 +364,18 @@ class RecipientPolicy:
             reply = Replies.TOO_MANY_UNKNOWN.format(host=config.hostname)
             return Refusal(reply, "too_many_unknown_recipients")
         return Refusal(Replies.UNKNOWN.format(address=address), "unknown_recipient")
+
+    def exists(self, address: str) -> bool:
+        """The relay knows this mailbox exists: listed by name, imported, or accepted by the
+        primary (a callout or a delivery). Never a guess: no catch-all, no address that got
+        450 while the primary could not be asked (relay.rescue gives copies only to these)."""
+        settings = self.get_config().domain(address.rpartition("@")[2].lower().rstrip("."))
+        if settings is None:
+            return False
+        if self.lists.lookup(settings, address, wildcard=False):
+            return True
+        verdict = self.cache.entries.get(cache_key(address))
+        return verdict is not None and verdict.accepted
 
     async def _known(self, settings: DomainConfig, address: str) -> bool | None:
         """True exists, False does not, None no verdict (primary unreachable, never seen)."""

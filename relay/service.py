@@ -32,6 +32,7 @@ from relay.intake import IntakeHandler, RelaySMTP
 from relay.limits import Limits
 from relay.mx import Router
 from relay.policy import RecipientPolicy
+from relay.rescue import Rescuer
 from relay.status import render_page, status_report
 from relay.store import AsyncStore, DomainControl, NewMessage, StorageError, Store
 
@@ -125,6 +126,9 @@ class Relay:
         self.policy = RecipientPolicy(
             lambda: self.config, store=self.store, health=self.health, clock=clock
         )
+        self.rescuer = Rescuer(
+            lambda: self.config, self.store, self.health, self.policy, clock=clock
+        )
         self.handler = IntakeHandler(
             get_config=lambda: self.config,
             store=self.store,
@@ -199,6 +203,7 @@ class Relay:
         controls = await self.store.run(Store.domain_controls)
         self._start_delivery()
         self._apply_controls(controls)
+        self.rescuer.start()
         self._operators_task = asyncio.create_task(self._follow_operators())
         if self.config.metrics.listen is not None:
             host, port = self.config.metrics.listen
@@ -269,10 +274,12 @@ class Relay:
         self._apply_controls(await self.store.run(Store.domain_controls))
 
     def _apply_controls(self, controls: dict[str, DomainControl]) -> None:
-        """Hands the scheduler what operators decided per domain (relay domain pause/reroute)."""
+        """Hands the scheduler and the rescuer what operators decided per domain (relay domain,
+        relay rescue on/off)."""
         if self.scheduler is not None:
             self.scheduler.set_controls(controls)
-        metrics.set_domain_states({n: c.state for n, c in controls.items()})
+        self.rescuer.controls = controls
+        metrics.set_domain_states({n: c.state for n, c in controls.items() if c.state != "normal"})
 
     def _status_page(self, store: Store) -> bytes:
         """The /status page, from the queue database as the running server keeps it."""
@@ -342,6 +349,7 @@ class Relay:
         if self._operators_task is not None:
             self._operators_task.cancel()
             await asyncio.gather(self._operators_task, return_exceptions=True)
+        await self.rescuer.stop()
         await self.policy.stop()
         await self.health.stop()
         with contextlib.suppress(KeyError):

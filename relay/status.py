@@ -12,6 +12,7 @@ import html
 from typing import Any
 
 from relay.config import Config
+from relay.rescue import active as rescue_active
 from relay.store import DomainSummary, Store
 from relay.words import age, plural, rfc3339
 
@@ -31,6 +32,9 @@ def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]
         state = states.get(name)
         up = None if state is None else state.up
         control = controls.get(name)
+        settings = cfg.domain(name)
+        down_since = state.since if state is not None and up is False else None
+        rescuing = settings is not None and rescue_active(settings, control, down_since, now)
         report.append(
             {
                 "domain": name,
@@ -50,6 +54,7 @@ def status_report(cfg: Config, store: Store, now: float) -> list[dict[str, Any]]
                 "rerouted_to": control.reroute if control else None,
                 "rerouted_tls": control.reroute_tls if control else None,
                 "rerouted_since": rfc3339(control.rerouted_at) if control else None,
+                "rescue_active": rescuing,
             }
         )
     return report
@@ -106,5 +111,9 @@ def _section(row: dict[str, Any], now: float) -> str:
         lines.append(("Delivery", "paused by the operator; mail is kept here meanwhile"))
     elif row["delivery"] == "rerouted":
         lines.append(("Delivery", "to a temporary mail server chosen by the operator"))
+    if row["rescue_active"]:
+        lines.append(
+            ("Rescue mailbox", "active: read the mail held for you over IMAP (ask for access)")
+        )
     items = "\n".join(f"<dt>{title}</dt><dd>{value}</dd>" for title, value in lines)
     return f"<section>\n<h2>{name}</h2>\n<dl>\n{items}\n</dl>\n</section>"

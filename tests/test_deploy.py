@@ -76,6 +76,7 @@ _DOCUMENTED = {
     "metrics": ("listen",),
     "status": ("listen", "public"),
     "spam": ("rspamd", "rspamd_failure", "rspamd_timeout"),
+    "rescue": ("path",),
     "dns": ("nameservers",),
     "log": ("format",),
     "domain": (
@@ -89,6 +90,9 @@ _DOCUMENTED = {
         "verify_negative_ttl",
         "verify_unknown_while_down",
         "accept",
+        "rescue",
+        "rescue_after",
+        "rescue_keep",
     ),
 }
 DOCUMENTED_KEYS = {f"{s}.{k}" if s else k for s, keys in _DOCUMENTED.items() for k in keys}
@@ -570,7 +574,7 @@ def bind_mounts(lines: list[str]) -> dict[str, Path]:
 
 def test_compose_mounts_existing_files_and_they_agree_with_each_other(tmp_path: Path) -> None:
     services = compose_services()
-    assert set(services) == {"relay", "prometheus", "grafana"}
+    assert set(services) == {"relay", "dovecot", "prometheus", "grafana"}
     for name, lines in services.items():
         for target, source in bind_mounts(lines).items():
             assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
@@ -584,6 +588,22 @@ def test_compose_mounts_existing_files_and_they_agree_with_each_other(tmp_path: 
     assert f'"25:{smtp_port}"' in relay_lines
     assert loaded.metrics.listen == ("0.0.0.0", 9325)
     assert "http://127.0.0.1:9325/healthz" in " ".join(dockerfile_healthcheck())
+
+    # Dovecot: the relay's volume at the path the shipped config serves, the image built from the
+    # shipped config, the certificate where that config reads it.
+    dovecot_lines = "\n".join(services["dovecot"])
+    assert "relay-queue:/var/lib/relay" in dovecot_lines
+    assert "dockerfile: deploy/dovecot/Dockerfile" in dovecot_lines
+    dockerfile = (DEPLOY / "dovecot" / "Dockerfile").read_text()
+    assert "COPY deploy/dovecot/dovecot.conf /etc/relay/dovecot.conf" in dockerfile
+    assert "--uid 999" in dockerfile and "--uid 999" in (DEPLOY / "Dockerfile").read_text()
+    conf = (DEPLOY / "dovecot" / "dovecot.conf").read_text()
+    assert bind_mounts(services["dovecot"])["/etc/relay/tls"].is_dir()
+    assert "ssl_cert = </etc/relay/tls/cert.pem" in conf
+    queue_path = tomllib.loads((DEPLOY / "docker" / "relay.toml").read_text())["queue"]["path"]
+    rescue_root = Path(queue_path).parent / "rescue"  # the relay's default: next to the queue
+    assert f"args = scheme=BLF-CRYPT username_format=%Lu {rescue_root}/passwd" in conf
+    assert f"home={rescue_root}/%Ld/%Ln" in conf
 
     # Prometheus: the scrape target is the relay service, the rule file sits next to the config.
     prometheus = bind_mounts(services["prometheus"])

@@ -74,6 +74,10 @@ CHANGES: dict[str, Any] = {
     "domain.verify_negative_ttl": "2h",
     "domain.verify_unknown_while_down": "accept",
     "domain.accept": "when_primary_down",
+    "domain.rescue": True,
+    "domain.rescue_after": "1h",
+    "domain.rescue_keep": "5d",
+    "rescue.path": "RESCUE",
 }
 
 
@@ -95,6 +99,7 @@ def _changed(data: dict[str, Any], key: str, tmp_path: Path) -> dict[str, Any]:
         "KEY": str(tmp_path / "key.pem"),
         "QUEUE2": str(tmp_path / "other" / "queue.db"),
         "RECIPIENTS": str(tmp_path / "recipients.txt"),
+        "RESCUE": str(tmp_path / "other" / "rescue"),
     }
     value = placeholders.get(value, value) if isinstance(value, str) else value
     if key.startswith("domain."):

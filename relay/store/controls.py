@@ -11,10 +11,29 @@ class Controls(Operations):
     def domain_controls(self) -> dict[str, DomainControl]:
         """Every domain an operator paused or rerouted; the others deliver as configured."""
         rows = self.conn.execute(
-            "SELECT domain, paused, paused_at, reroute, reroute_tls, rerouted_at"
-            " FROM domain_controls WHERE paused = 1 OR reroute IS NOT NULL"
+            "SELECT domain, paused, paused_at, reroute, reroute_tls, rerouted_at, rescue"
+            " FROM domain_controls"
+            " WHERE paused = 1 OR reroute IS NOT NULL OR rescue IS NOT NULL"
         ).fetchall()
-        return {r[0]: DomainControl(r[0], r[2] if r[1] else None, r[3], r[4], r[5]) for r in rows}
+        return {
+            r[0]: DomainControl(r[0], r[2] if r[1] else None, r[3], r[4], r[5], r[6]) for r in rows
+        }
+
+    def set_rescue(self, domain: str, mode: str | None, actor: Actor) -> bool:
+        """Rescue mailboxes for `domain` "on" or "off" by hand, or None: automatic again."""
+
+        def write(store: Controls) -> bool:
+            current = store.domain_controls().get(domain) or DomainControl(domain)
+            if current.rescue == mode:
+                return False
+            store._ensure_row(domain)
+            store.conn.execute(
+                "UPDATE domain_controls SET rescue = ? WHERE domain = ?", (mode, domain)
+            )
+            store.audit(f"rescue {mode or 'auto'}", [domain], actor)
+            return True
+
+        return self.transaction(write)
 
     def set_paused(self, domain: str, paused: bool, actor: Actor) -> bool:
         """Pauses or resumes delivery to `domain`; False when it already was so."""

@@ -11,13 +11,14 @@ from relay.store.base import _translated
 from relay.store.bookkeeping import Bookkeeping
 from relay.store.controls import Controls
 from relay.store.reads import Reads
+from relay.store.rescue import RescueCopies
 from relay.store.rows import QUEUED, FileStats, NewMessage, StorageError
 from relay.store.schema import _connect, _migrate
 
 T = TypeVar("T")
 
 
-class Store(Reads, Bookkeeping, Controls):
+class Store(Reads, Bookkeeping, Controls, RescueCopies):
     """Synchronous access to the queue over one connection. Not shared between threads."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:

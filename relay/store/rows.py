@@ -230,6 +230,7 @@ class DomainControl:
     reroute: str | None = None  # "host[:port]" instead of the primary (relay domain reroute)
     reroute_tls: str | None = None  # the tls mode for the reroute target; None: the domain's
     rerouted_at: float | None = None
+    rescue: str | None = None  # "on" or "off" by hand (relay rescue on/off); None: automatic
 
     @property
     def paused(self) -> bool:
@@ -241,6 +242,16 @@ class DomainControl:
         if self.paused:
             return "paused"
         return "rerouted" if self.reroute else "normal"
+
+
+@dataclass(frozen=True)
+class RescueCopy:
+    """One rescue Maildir copy of a queued message for one recipient (relay.rescue)."""
+
+    message_id: str
+    address: str
+    domain: str
+    file: str  # the Maildir base name (before any ":2,flags" Dovecot adds)
 
 
 @dataclass(frozen=True)

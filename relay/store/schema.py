@@ -142,6 +142,25 @@ def _v5_domain_controls(db: sqlite_utils.Database) -> None:
     )
 
 
+@_migration
+def _v6_rescue(db: sqlite_utils.Database) -> None:
+    """Rescue mailboxes (relay.rescue): which copies exist, and when their original left."""
+    db.table("domain_controls").add_column("rescue", str)  # "on", "off" or NULL (automatic)
+    db.table("rescue_copies").create(
+        {
+            "message_id": str,
+            "address": str,
+            "domain": str,
+            "file": str,
+            "written_at": float,
+            "gone_at": float,
+        },
+        pk=("message_id", "address"),
+        not_null={"domain", "file", "written_at"},
+    )
+    db.table("rescue_copies").create_index(["domain"], index_name="rescue_copies_domain")
+
+
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

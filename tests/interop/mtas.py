@@ -54,7 +54,7 @@ _TRACE_FIELD = re.compile(rb"^Received:", re.IGNORECASE)
 def missing_tools() -> list[str]:
     """The programs of the interop suite that are not installed (tests/interop/install.sh)."""
     wanted = ["postfix", "sendmail", "smtp-sink", "swaks", "dnsmasq", "unshare", "chromium"]
-    wanted.append("rspamd")
+    wanted += ["rspamd", "dovecot"]
     missing = [tool for tool in wanted if shutil.which(tool, path=_PATH) is None]
     missing += [str(path) for path in (EXIM, OPENSMTPD) if not path.exists()]
     return missing
@@ -581,6 +581,55 @@ class OpenSmtpdPrimary(Server):
 
     def captures(self) -> list[Capture]:
         return [Capture(path.name, path.read_bytes(), b"\n") for path in _files(self.mail)]
+
+
+# -- Dovecot ------------------------------------------------------------------------------------
+
+SHIPPED_DOVECOT_CONF = Path(__file__).resolve().parents[2] / "deploy" / "dovecot" / "dovecot.conf"
+
+
+class DovecotImap(Server):
+    """Dovecot (`dovecot -F -c FILE`) with the shipped deploy/dovecot/dovecot.conf, only its
+    machine-specific values changed: the rescue tree, the user (nobody: Dovecot will not serve
+    mail as root, and the relay under test runs as root), the ports, the certificate, the log
+    file, and private run and state directories."""
+
+    name = "dovecot"
+
+    def __init__(
+        self, workdir: Path, address: str, port: int, rescue: Path, cert: Path, key: Path
+    ) -> None:
+        super().__init__(workdir, address, port)
+        self.rescue = rescue
+        self.cert, self.key = cert, key
+        self.config = workdir / "dovecot.conf"
+        self.log_path = workdir / "dovecot.log"
+
+    def prepare(self) -> None:
+        for name in ("run", "state"):
+            workspace(self.workdir / name)
+        changes = {
+            "/var/lib/relay/rescue": str(self.rescue),
+            "uid=relay gid=relay": "uid=nobody gid=nogroup",
+            "mail_uid = relay": "mail_uid = nobody",
+            "mail_gid = relay": "mail_gid = nogroup",
+            "default_internal_user = relay": "default_internal_user = nobody",
+            "listen = *, ::": f"listen = {self.address}",
+            "port = 143": f"port = {self.port}",
+            "port = 993": "port = 0",
+            "</etc/relay/tls/cert.pem": f"<{self.cert}",
+            "</etc/relay/tls/key.pem": f"<{self.key}",
+            "log_path = syslog": f"log_path = {self.log_path}",
+        }
+        text = SHIPPED_DOVECOT_CONF.read_text()
+        for shipped, here in changes.items():
+            assert shipped in text, f"deploy/dovecot/dovecot.conf no longer says {shipped!r}"
+            text = text.replace(shipped, here)
+        text += f"base_dir = {self.workdir / 'run'}\nstate_dir = {self.workdir / 'state'}\n"
+        self.config.write_text(text)
+
+    def command(self) -> list[str]:
+        return ["dovecot", "-F", "-c", str(self.config)]
 
 
 # -- DNS --------------------------------------------------------------------------------------
