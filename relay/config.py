@@ -180,7 +180,14 @@ class StatusConfig:
 
 @dataclass(frozen=True)
 class SpamConfig:
-    """Content checks at the end of DATA, before the 250 (relay.rspamd)."""
+    """Spam checks: at the door, DNS lists and the pregreet test like postscreen (relay.dnsbl);
+    at the end of DATA, before the 250, the content through rspamd (relay.rspamd)."""
+
+    dnsbl: tuple[str, ...] = ()  # postscreen_dnsbl_sites entries: zone[=filter][*weight]
+    dnsbl_threshold: int = 3
+    dnsbl_action: str = "rcpt"  # refuse at each RCPT (the log names recipients) or "banner"
+    dnsbl_timeout: float = 5.0  # one deadline for every list; a silent list blocks nothing
+    greet_delay: float = 0.0  # wait this long before the banner; a client talking first is out
 
     rspamd: str = ""  # "http://host:port" of rspamd's normal worker; "" = no content check
     # What a message gets when rspamd cannot answer in time: a backup MX that refuses mail
@@ -478,6 +485,15 @@ def _flag(value: Any) -> bool:
     return value
 
 
+def _dnsbl_sites(value: Any) -> tuple[str, ...]:
+    from relay.dnsbl import parse_site
+
+    sites = _strings(value)
+    for site in sites:
+        parse_site(site)  # ValueError names the entry and what is wrong
+    return sites
+
+
 def _read_status(r: _Reader) -> StatusConfig:
     status = StatusConfig(
         listen=r.get("listen", None, _optional_listen), public=r.get("public", False, _flag)
@@ -518,6 +534,11 @@ def _rspamd_url(value: Any) -> str:
 def _read_spam(r: _Reader) -> SpamConfig:
     d = SpamConfig()
     spam = SpamConfig(
+        dnsbl=r.get("dnsbl", d.dnsbl, _dnsbl_sites),
+        dnsbl_threshold=r.get("dnsbl_threshold", d.dnsbl_threshold, _int(1)),
+        dnsbl_action=r.get("dnsbl_action", d.dnsbl_action, _choice(("rcpt", "banner"))),
+        dnsbl_timeout=r.get("dnsbl_timeout", d.dnsbl_timeout, parse_duration),
+        greet_delay=r.get("greet_delay", d.greet_delay, parse_duration),
         rspamd=r.get("rspamd", d.rspamd, _rspamd_url),
         rspamd_failure=r.get("rspamd_failure", d.rspamd_failure, _choice(RSPAMD_FAILURE)),
         rspamd_timeout=r.get("rspamd_timeout", d.rspamd_timeout, parse_duration),

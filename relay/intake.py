@@ -28,6 +28,7 @@ from aiosmtpd.smtp import Envelope, Session, syntax
 from relay import metrics, rspamd
 from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
 from relay.config import Config
+from relay.dnsbl import DnsLists, Site, Verdict, parse_site
 from relay.envelope import address_problem
 from relay.limits import Limits, Refusal
 from relay.logs import fields
@@ -95,6 +96,9 @@ class Replies:
     ETRN_NO_NAMED_QUEUES = "458 4.5.1 <{domain}>: named queues are not supported; use ETRN domain"
     LINE_TOO_LONG = "500 5.5.2 Error: command line too long"
     TLS_ALREADY_ACTIVE = "503 5.5.1 Error: TLS already active"
+    DNSBL = "550 5.7.1 Service unavailable; client [{client}] blocked using {lists}"
+    DNSBL_BANNER = "554 5.7.1 Service unavailable; client [{client}] blocked using {lists}"
+    PREGREET = "550 5.5.1 Protocol error: talking before the greeting"
     TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many NOOP, RSET, VRFY, EXPN or HELP commands"
     TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 
@@ -110,6 +114,7 @@ class RelaySession(Session):
         self.slot: str | None = None  # relay.limits: the client whose connection slot we hold
         # Set by the protocol: bring this session's deadline to at most N seconds from now.
         self.tighten: Callable[[float], None] | None = None
+        self.dnsbl: asyncio.Future[Verdict] | None = None  # started at connect (relay.dnsbl)
 
     def carry_over(self, previous: RelaySession) -> None:
         """After STARTTLS aiosmtpd starts a new session (RFC 3207 4.2 forgets what the client
@@ -198,6 +203,9 @@ class RelaySMTP(SMTPProtocol):
         assert isinstance(previous, RelaySession)
         self.relay_session().tighten = self._tighten
         self.relay_handler.connection_secured(previous, self.relay_session())
+
+    async def before_banner(self) -> str | None:
+        return await self.relay_handler.before_banner(self.relay_session(), self.talked_first)
 
     def _tighten(self, seconds: float) -> None:
         self.set_deadline(min(self._deadline, self.loop.time() + seconds))
@@ -537,6 +545,12 @@ def _parse_rcpt(rest: str | None, extended: bool) -> NewRecipient | str:
     return NewRecipient(address, notify=notify, orcpt=orcpt)
 
 
+@functools.lru_cache(maxsize=8)
+def _sites(entries: tuple[str, ...]) -> tuple[Site, ...]:
+    """The configured lists, parsed once per configuration (config.py validated them)."""
+    return tuple(parse_site(entry) for entry in entries)
+
+
 def _take_mail_params(
     params: dict[str, str | None], envelope: RelayEnvelope, size_limit: int | None
 ) -> str | None:
@@ -687,6 +701,7 @@ class IntakeHandler:
     flush_domain: Callable[[str], Awaitable[int]] | None = None
     limits: Limits | None = None  # connection, rate, memory and disk limits (relay.limits)
     policy: RecipientPolicy | None = None  # recipient validation and `accept` (relay.policy)
+    dns_lists: DnsLists | None = None  # DNS list lookups with their cache (relay.dnsbl)
     sessions: set[RelaySession] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stressed: bool = False  # relay.limits says the connection slots are nearly all taken
@@ -716,7 +731,38 @@ class IntakeHandler:
         if self.limits is not None and (refusal := self.limits.connect(session)) is not None:
             return self._refused(session, "connection", refusal)
         self._follow_stress()
+        spam = self.config.spam
+        if spam.dnsbl and self.dns_lists is not None:
+            # Asked now, answered while the client says EHLO and MAIL: RCPT rarely waits.
+            sites = _sites(spam.dnsbl)
+            session.dnsbl = asyncio.ensure_future(
+                self.dns_lists.check(session.client_ip, sites, spam.dnsbl_timeout)
+            )
         return None
+
+    async def before_banner(
+        self, session: RelaySession, talked_first: Callable[[], bool]
+    ) -> str | None:
+        """The pregreet test and, with dnsbl_action = "banner", the DNS lists: a reply to send
+        instead of the banner, or None."""
+        spam = self.config.spam
+        if spam.greet_delay > 0:
+            await asyncio.sleep(spam.greet_delay)
+            if talked_first():
+                return self._refused(session, "connection", Refusal(Replies.PREGREET, "pregreet"))
+        if spam.dnsbl_action == "banner":
+            return await self._dnsbl_refusal(session, "connection", Replies.DNSBL_BANNER)
+        return None
+
+    async def _dnsbl_refusal(self, session: RelaySession, what: str, reply: str) -> str | None:
+        if session.dnsbl is None:
+            return None
+        verdict = await session.dnsbl
+        if verdict.score < self.config.spam.dnsbl_threshold:
+            return None
+        lists = ", ".join(verdict.listed_by) or "DNS lists"
+        refusal = Refusal(reply.format(client=session.client_ip, lists=lists), "dnsbl")
+        return self._refused(session, f"{what} ({lists})", refusal)
 
     def connection_secured(self, previous: RelaySession, session: RelaySession) -> None:
         """STARTTLS replaced the session object of a connection that is still the same."""
@@ -839,6 +885,12 @@ class IntakeHandler:
                 metrics.messages_rejected.labels("too_many_recipients").inc()
                 return Replies.TOO_MANY_RECIPIENTS
             return Replies.RCPT_OK
+        if config.spam.dnsbl_action == "rcpt" and (
+            listed := await self._dnsbl_refusal(
+                session, f"RCPT to=<{recipient.address}>", Replies.DNSBL
+            )
+        ):
+            return listed
         if (problem := recipient_problem(recipient.address)) is not None:
             metrics.messages_rejected.labels("bad_recipient").inc()
             return problem

@@ -36,7 +36,8 @@ messages_rejected = Counter(
 )
 spam_check_duration = Histogram(
     "relay_spam_check_duration_seconds",
-    "Time a message waited at the end of DATA for a spam check (rspamd), answered or not.",
+    "Time a spam check took, answered or not: dnsbl (every list of one client, asked at"
+    " connect) or rspamd (one message, at the end of DATA).",
     ["check"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,

@@ -270,6 +270,24 @@ class Router:
             if isinstance(rd, dns.rdtypes.ANY.PTR.PTR)
         ]
 
+    async def dnsbl_answer(self, zone: str, address: str) -> tuple[list[str], float]:
+        """A DNS list's answer for a client address: the A records of its reversed octets (or
+        nibbles) under `zone`, and their TTL; ([], 0) when it is not listed (NXDOMAIN, NODATA).
+
+        Raises RouteError when the list did not answer (relay.dnsbl then counts it as silent).
+        """
+        reversed_name = dns.reversename.from_address(address).to_text()
+        stem = reversed_name.removesuffix(".in-addr.arpa.").removesuffix(".ip6.arpa.")
+        try:
+            answer = await self._answer(f"{stem}.{zone}", "A")
+        except RouteError as exc:
+            if exc.kind == NXDOMAIN:
+                return [], 0.0
+            raise
+        if answer.rrset is None:
+            return [], 0.0
+        return [rd.to_text() for rd in answer.rrset], float(answer.rrset.ttl)
+
     def is_our_name(self, host: str) -> bool:
         """Whether `host` is our host name (case-insensitive, trailing dot or not)."""
         try:
@@ -308,7 +326,12 @@ class Router:
             return [], (None if exc.kind == NXDOMAIN else exc)
 
     async def _lookup(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
-        """The `rdtype` records of `name`, [] when it has none (NODATA); CNAMEs are followed.
+        """The `rdtype` records of `name`, [] when it has none (NODATA); CNAMEs are followed."""
+        answer = await self._answer(name, rdtype)
+        return list(answer.rrset) if answer.rrset is not None else []
+
+    async def _answer(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """dnspython's answer for `name` and `rdtype`, without raising on NODATA.
 
         This is where dnspython's exceptions become RouteError: NXDOMAIN is permanent, anything
         else (timeout, SERVFAIL, refused, no reachable server, no resolv.conf) is temporary.
@@ -334,7 +357,7 @@ class Router:
         except dns.exception.DNSException as exc:
             message = f"DNS lookup {where} failed: {_brief(exc)}"
             raise RouteError(message, kind=DNS_TEMPORARY) from None
-        return list(answer.rrset) if answer.rrset is not None else []
+        return answer
 
     def _get_resolver(self) -> dns.asyncresolver.Resolver:
         """Built at first use, so that a missing resolv.conf is a temporary error, not a crash."""

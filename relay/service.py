@@ -26,6 +26,7 @@ from relay import audit, metrics, tls
 from relay import config as config_module
 from relay.config import Config
 from relay.delivery import Scheduler
+from relay.dnsbl import DnsLists
 from relay.envelope import hostport
 from relay.health import DestinationHealth
 from relay.intake import IntakeHandler, RelaySMTP
@@ -136,6 +137,7 @@ class Relay:
             on_accepted=self._accepted,
             limits=self.limits,
             policy=self.policy,
+            dns_lists=DnsLists(lambda: self.health.router or self._router()),
         )
         self.metrics_server = MetricsServer(
             cfg.queue.path, problems=self._problems, status_page=self._status_page

@@ -75,7 +75,10 @@ _DOCUMENTED = {
     "retry": ("min", "max", "warn_after"),
     "metrics": ("listen",),
     "status": ("listen", "public"),
-    "spam": ("rspamd", "rspamd_failure", "rspamd_timeout"),
+    "spam": (
+        *("dnsbl", "dnsbl_threshold", "dnsbl_action", "dnsbl_timeout", "greet_delay"),
+        *("rspamd", "rspamd_failure", "rspamd_timeout"),
+    ),
     "rescue": ("path",),
     "dns": ("nameservers",),
     "log": ("format",),

@@ -78,6 +78,11 @@ CHANGES: dict[str, Any] = {
     "domain.rescue_after": "1h",
     "domain.rescue_keep": "5d",
     "rescue.path": "RESCUE",
+    "spam.dnsbl": ["zen.test*3"],
+    "spam.dnsbl_threshold": 5,
+    "spam.dnsbl_action": "banner",
+    "spam.dnsbl_timeout": "2s",
+    "spam.greet_delay": "1s",
 }
 
 

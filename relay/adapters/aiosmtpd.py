@@ -173,6 +173,14 @@ class SMTPProtocol(SMTP):
     def timed_out(self) -> str:
         raise NotImplementedError
 
+    async def before_banner(self) -> str | None:
+        """A reply to send instead of the banner (checks that need the network), or None."""
+        return None
+
+    def talked_first(self) -> bool:
+        """The client sent something before our banner (asyncio's private reader `_buffer`)."""
+        return bool(self._reader._buffer)  # type: ignore[attr-defined]
+
     def command_started(self, command: str) -> str | None:
         """A known verb is about to run: a reply refusing it instead, or None (the default moves
         the idle deadline)."""
@@ -300,6 +308,8 @@ class SMTPProtocol(SMTP):
         logging (aiosmtpd builds each debug line's arguments even when debug is off). What is
         left runs for every command of every session, so it is kept short.
         """
+        if self._refusal is None:
+            self._refusal = await self.before_banner()
         if self._refusal is not None:
             await self.push(self._refusal)  # instead of the banner (RFC 5321 3.1)
             self.close()
