@@ -194,6 +194,8 @@ class Relay:
         self._export_settings()
         await self.health.restore()
         await self.policy.start()
+        # Read before delivery starts: after a restart, a paused domain must not get one attempt.
+        controls = await self.store.run(Store.domain_controls)
         for host, port in self.config.smtp.listen:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             server = await loop.create_server(
@@ -201,8 +203,6 @@ class Relay:
             )
             self.smtp_servers.append(server)
             log.info("listening for SMTP on %s", _sockname(server))
-        # Read before delivery starts: after a restart, a paused domain must not get one attempt.
-        controls = await self.store.run(Store.domain_controls)
         self._start_delivery()
         self._apply_controls(controls)
         self.rescuer.start()

@@ -645,8 +645,8 @@ def test_mail_queued_while_a_session_says_goodbye_to_a_slow_primary_is_still_sen
 
 
 def metrics_base(server: RelayProcess) -> str:
-    base = server.metrics_base()
-    assert base is not None, server.log()
+    """The metrics listener, logged just after the SMTP listener the start waited for."""
+    base: str = wait_for(server.metrics_base, f"the metrics listener:\n{server.log()}", 10)
     return base
 
 
