@@ -130,14 +130,14 @@ class Scheduler:
         self.inflight = InFlight()
         self.wake = asyncio.Event()
         # Through a lambda, so that replacing `connect` later (tests) reaches the opener.
-        self.controls: dict[str, DomainControl] = {}
+        self.steering = Steering()
         self.ticks = 0
         self.opener = SessionOpener(
             self.router,
             self.get_config,
             lambda hop, **options: self.connect(hop, **options),
             self.clock,
-            lambda domain: self.controls.get(domain),
+            self.steering.controls.get,
         )
         self._sessions = asyncio.Semaphore(self.config.delivery.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -187,7 +187,7 @@ class Scheduler:
         message; its probe owns the recovery, which makes all of it due at once.
         """
         for domain in domains:
-            if not self._suspended(domain) and not self._paused(domain):
+            if not self._suspended(domain) and not self.steering.paused(domain):
                 self.wake.set()
                 return
 
@@ -219,7 +219,7 @@ class Scheduler:
         if not await self.recorder.record_unrecorded():
             return  # the queue still refuses the kept outcomes: deliver nothing new
         now = self.clock()
-        paused = [name for name, control in self.controls.items() if control.paused]
+        paused = self.steering.paused_domains()
         due = await self.store.run(
             lambda s: s.due(now, self.batch, exclude=self.inflight, skip_domains=paused)
         )
@@ -278,7 +278,7 @@ class Scheduler:
             while (
                 not dest.queue.empty()
                 and not self._suspended(dest.name)
-                and not self._paused(dest.name)
+                and not self.steering.paused(dest.name)
                 and not self.recorder.stopped
             ):
                 message, recipients = dest.queue.get_nowait()
@@ -309,7 +309,7 @@ class Scheduler:
                 await session.close()
             if self._suspended(dest.name):
                 await self._defer_queued(dest)
-            elif self.recorder.stopped or self._paused(dest.name):
+            elif self.recorder.stopped or self.steering.paused(dest.name):
                 # Recording is failing, or an operator paused the domain: what waits for a
                 # session goes back to the queue untried, due again once it may go.
                 for message, _ in dest.take_all():
@@ -352,7 +352,7 @@ class Scheduler:
         """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
         ceiling = self.config.delivery.per_host_concurrency
         for reply in replies:
-            if 200 <= reply.code < 300 and not self._rerouted(dest.name):
+            if 200 <= reply.code < 300 and not self.steering.rerouted(dest.name):
                 self.up.succeeded(dest.name, now)
             if dest.count(reply, ceiling):
                 self._mark_down(dest, str(reply), now)
@@ -408,7 +408,7 @@ class Scheduler:
     # -- up and down ------------------------------------------------------------------------
 
     def _mark_down(self, dest: Destination, error: str, now: float) -> None:
-        if self._rerouted(dest.name):
+        if self.steering.rerouted(dest.name):
             return  # the reroute target is not the primary: its failures say nothing of it
         if not self.up.is_down(dest.name):
             dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
@@ -449,13 +449,11 @@ class Scheduler:
 
     def set_controls(self, controls: dict[str, DomainControl]) -> None:
         """What operators decided per domain, as the queue database now says."""
-        before = {n: c.reroute for n, c in self.controls.items() if c.reroute}
-        self.controls = controls
-        after = {n: c.reroute for n, c in controls.items() if c.reroute}
-        if before != after:
+        changed = self.steering.replace(controls)
+        if changed:
             self.opener.forget_routes()
             # Mail deferred on the old route goes at once on the new one (queued and new mail).
-            for domain in {*before, *after} - {d for d in before if before[d] == after.get(d)}:
+            for domain in changed:
                 self._start_write(self.flush_domain(domain))
         self.wake.set()
 
@@ -464,17 +462,9 @@ class Scheduler:
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    def _paused(self, domain: str) -> bool:
-        control = self.controls.get(domain)
-        return control is not None and control.paused
-
-    def _rerouted(self, domain: str) -> bool:
-        control = self.controls.get(domain)
-        return control is not None and control.reroute is not None
-
     def _suspended(self, domain: str) -> bool:
         """The primary is down and the mail has nowhere else to go."""
-        return self.up.is_down(domain) and not self._rerouted(domain)
+        return self.up.is_down(domain) and not self.steering.rerouted(domain)
 
     async def flush_domain(self, domain: str) -> int:
         """ETRN and operator flushes: everything for `domain` due now, probing first if down."""
@@ -484,6 +474,32 @@ class Scheduler:
         self.up.probe_soon(domain)  # down: ask now; its answer releases the mail
         self.wake.set()
         return int(count)
+
+
+@dataclass
+class Steering:
+    """What operators decided per domain (relay domain pause / reroute), for the scheduler."""
+
+    controls: dict[str, DomainControl] = field(default_factory=dict)
+
+    def replace(self, controls: dict[str, DomainControl]) -> set[str]:
+        """Takes the new decisions; the domains whose reroute target changed."""
+        before = {n: c.reroute for n, c in self.controls.items() if c.reroute}
+        after = {n: c.reroute for n, c in controls.items() if c.reroute}
+        self.controls.clear()
+        self.controls.update(controls)  # the same dict: the session opener holds its .get
+        return {d for d in {*before, *after} if before.get(d) != after.get(d)}
+
+    def paused(self, domain: str) -> bool:
+        control = self.controls.get(domain)
+        return control is not None and control.paused
+
+    def rerouted(self, domain: str) -> bool:
+        control = self.controls.get(domain)
+        return control is not None and control.reroute is not None
+
+    def paused_domains(self) -> list[str]:
+        return [name for name, control in self.controls.items() if control.paused]
 
 
 @dataclass

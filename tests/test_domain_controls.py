@@ -84,7 +84,7 @@ async def test_reroute_sends_queued_and_new_mail_elsewhere_until_cleared(
     assert out.strip() == f"{DOMAIN}: mail goes to {elsewhere.address}:{elsewhere.port}"
     scheduler = server.scheduler
     assert scheduler is not None
-    await eventually(lambda: scheduler._rerouted(DOMAIN), "the reroute taken up", within=2)
+    await eventually(lambda: scheduler.steering.rerouted(DOMAIN), "the reroute taken up", within=2)
     await asyncio.to_thread(send_mail, address, [f"later@{DOMAIN}"])
     await eventually(
         lambda: sorted(delivered_to(elsewhere)) == [f"early@{DOMAIN}", f"later@{DOMAIN}"],
@@ -97,7 +97,9 @@ async def test_reroute_sends_queued_and_new_mail_elsewhere_until_cleared(
 
     code, out, _ = await asyncio.to_thread(cli, config, "domain", "reroute", DOMAIN, "--clear")
     assert (code, out.strip()) == (0, f"{DOMAIN}: mail goes to its primary")
-    await eventually(lambda: not scheduler._rerouted(DOMAIN), "the reroute cleared", within=2)
+    await eventually(
+        lambda: not scheduler.steering.rerouted(DOMAIN), "the reroute cleared", within=2
+    )
     assert await state_series(server) == {}  # nobody steers it now: no series, as for any domain
     await asyncio.to_thread(send_mail, address, [f"after@{DOMAIN}"])
     await eventually(lambda: scheduler.ticks > 3, "a few scheduler passes")
@@ -117,7 +119,7 @@ async def test_pause_keeps_mail_queued_and_resume_sends_it(
     assert (code, out.strip()) == (0, f"{DOMAIN}: delivery paused")
     scheduler = server.scheduler
     assert scheduler is not None
-    await eventually(lambda: scheduler._paused(DOMAIN), "the pause taken up", within=2)
+    await eventually(lambda: scheduler.steering.paused(DOMAIN), "the pause taken up", within=2)
 
     await asyncio.to_thread(send_mail, smtp_address(server), [f"bob@{DOMAIN}"])
     passes = scheduler.ticks
@@ -157,7 +159,7 @@ async def test_a_pause_survives_a_restart_and_is_logged(
     await second.start()
     try:
         scheduler = second.scheduler
-        assert scheduler is not None and scheduler._paused(DOMAIN)
+        assert scheduler is not None and scheduler.steering.paused(DOMAIN)
         passes = scheduler.ticks
         await eventually(lambda: scheduler.ticks >= passes + 2, "two scheduler passes")
         assert primary.transactions == []

@@ -308,13 +308,8 @@ class SMTPProtocol(SMTP):
         logging (aiosmtpd builds each debug line's arguments even when debug is off). What is
         left runs for every command of every session, so it is kept short.
         """
-        if self._refusal is None:
-            self._refusal = await self.before_banner()
-        if self._refusal is not None:
-            await self.push(self._refusal)  # instead of the banner (RFC 5321 3.1)
-            self.close()
+        if not await self._greet():
             return
-        await self.push(f"220 {self.hostname} {self.__ident__}")
         bogus_budget = _BOGUS_LIMIT
         reader = self._reader
         while self.transport is not None:
@@ -362,6 +357,17 @@ class SMTPProtocol(SMTP):
 
     def line_too_long(self) -> str:
         raise NotImplementedError
+
+    async def _greet(self) -> bool:
+        """The banner, or the refusal sent instead of it (RFC 5321 3.1); False if refused."""
+        if self._refusal is None:
+            self._refusal = await self.before_banner()
+        if self._refusal is not None:
+            await self.push(self._refusal)
+            self.close()
+            return False
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        return True
 
     async def _skip_long_line(self, consumed: int) -> None:
         """Reads past an overlong command line, then says so (aiosmtpd's behaviour)."""
