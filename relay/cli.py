@@ -416,20 +416,55 @@ def attempt_path(attempt: Attempt) -> str:
     return "no connection"
 
 
+_SELECTION_OPTIONS = (
+    click.argument("message_ids", nargs=-1),
+    click.option("--domain", help="Messages with a recipient waiting in this domain."),
+    click.option("--from", "sender", help="Messages from this sender (<> for bounces)."),
+    click.option("--to", "recipient", help="Messages with this recipient waiting."),
+    click.option(
+        "--older-than",
+        callback=_older_than,
+        help="Messages received longer ago than this (30m, 4h, 2d).",
+    ),
+    click.option("--all", "everything", is_flag=True, help="Every message in the queue."),
+)
+
+
+def selection_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The ways every queue command picks messages: ids, --domain, --from, --to, --older-than,
+    --all (like postsuper's and postqueue's selections)."""
+    for option in reversed(_SELECTION_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _chosen(
+    message_ids: tuple[str, ...],
+    domain: str | None,
+    sender: str | None,
+    recipient: str | None,
+    older_than: float | None,
+    everything: bool,
+    required: bool = True,
+) -> Selection:
+    """The selection the options make; a usage error (exit 2) when they contradict or, with
+    `required`, select nothing."""
+    selection = _selection(domain, sender, recipient, older_than, everything)
+    criteria = not Selection(
+        domain=domain, sender=sender, recipient=recipient, received_before=older_than
+    ).empty
+    if everything and (criteria or message_ids):
+        raise click.UsageError("--all selects every message: give it alone")
+    if selection.empty and not message_ids and required:
+        raise click.UsageError(f"nothing selected: {_SELECTION_HINT}")
+    return selection
+
+
 def _operator_command(
     name: str, help_text: str, action: Callable[..., Operated], verb: str
 ) -> None:
     @queue.command(name=name, help=help_text)
-    @click.argument("message_ids", nargs=-1)
-    @click.option("--domain", help="Messages with a recipient waiting in this domain.")
-    @click.option("--from", "sender", help="Messages from this sender (<> for bounces).")
-    @click.option("--to", "recipient", help="Messages with this recipient waiting.")
-    @click.option(
-        "--older-than",
-        callback=_older_than,
-        help="Messages received longer ago than this (30m, 4h, 2d).",
-    )
-    @click.option("--all", "everything", is_flag=True, help="Every message in the queue.")
+    @selection_options
     @config_option
     @click.pass_context
     def command(
@@ -442,14 +477,9 @@ def _operator_command(
         everything: bool,
         config_path: str | None,
     ) -> None:
-        selection = _selection(domain, sender, recipient, older_than, everything)
-        criteria = not Selection(
-            domain=domain, sender=sender, recipient=recipient, received_before=older_than
-        ).empty
-        if everything and (criteria or message_ids):
-            raise click.UsageError("--all selects every message: give it alone")
-        if selection.empty and not message_ids and name != "flush":
-            raise click.UsageError(f"nothing selected: {_SELECTION_HINT}")
+        selection = _chosen(
+            message_ids, domain, sender, recipient, older_than, everything, name != "flush"
+        )
         operated = _with_store(
             _queue_config(ctx, config_path),
             lambda store: action(store, list(message_ids), selection, actor()),
@@ -491,6 +521,92 @@ _OPERATOR_COMMANDS: tuple[tuple[str, str, Callable[..., Operated], str], ...] = 
 )
 for _name, _help, _action, _verb in _OPERATOR_COMMANDS:
     _operator_command(_name, _help, _action, _verb)
+
+
+@queue.command()
+@selection_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["eml", "mbox"]),
+    default="eml",
+    show_default=True,
+    help="One .eml file per message (bytes as stored), or one mbox (mboxrd).",
+)
+@click.option(
+    "--output",
+    "-o",
+    default="-",
+    show_default=True,
+    help="A directory for .eml files, a file for the mbox, or - for standard output.",
+)
+@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+@config_option
+@click.pass_context
+def export(
+    ctx: click.Context,
+    message_ids: tuple[str, ...],
+    domain: str | None,
+    sender: str | None,
+    recipient: str | None,
+    older_than: float | None,
+    everything: bool,
+    fmt: str,
+    output: str,
+    force: bool,
+    config_path: str | None,
+) -> None:
+    """Copy held mail out of the queue, read-only: the stored bytes, our Received header on top.
+
+    For a person who needs a message now, or to load a domain's held mail into another mail
+    system. Selections are those of the other queue commands. The queue is not changed.
+    """
+    from relay import export as exporting
+
+    selection = _chosen(message_ids, domain, sender, recipient, older_than, everything)
+    if fmt == "eml" and output == "-" and (len(message_ids) != 1 or not selection.empty):
+        raise click.UsageError("--format eml to standard output takes exactly one queue id")
+
+    def read(store: Store) -> tuple[list[tuple[str, str, float, bytes]], list[str]]:
+        found, missing = store.chosen(list(message_ids), selection)
+        messages = []
+        for message_id in found:
+            row, content = store.get(message_id), store.body(message_id)
+            if row is not None and content is not None:
+                messages.append((message_id, row.sender, row.received_at, content))
+        return messages, missing
+
+    messages, missing = _with_store(_queue_config(ctx, config_path), read)
+    for message_id in missing:
+        echo(f"relay: {message_id}: no such message in the queue", err=True)
+    if not messages:
+        _fail("no message selected" if not missing else "nothing exported")
+    if fmt == "mbox":
+        entries = [(s, at, content) for _, s, at, content in messages]
+        if output == "-":
+            exporting.write_mbox(sys.stdout.buffer, entries)
+        else:
+            if os.path.exists(output) and not force:
+                _fail(f"{output} exists: add --force to overwrite it")
+            with open(output, "wb") as out:
+                exporting.write_mbox(out, entries)
+            echo(f"exported {plural(len(entries), 'message')} to {output}", err=True)
+    elif output == "-":
+        sys.stdout.buffer.write(messages[0][3])
+        sys.stdout.buffer.flush()
+    else:
+        directory = Path(output)
+        if not directory.is_dir():
+            _fail(f"{output} is not a directory (--format eml writes one file per message)", 2)
+        paths = [exporting.eml_path(directory, m[0]) for m in messages]
+        existing = [str(path) for path in paths if path.exists()]
+        if existing and not force:
+            _fail(f"{summarize(existing, 'file')} exist already: add --force to overwrite them")
+        for path, (_, _, _, content) in zip(paths, messages, strict=True):
+            exporting.write_eml(path, content)
+        echo(f"exported {plural(len(paths), 'message')} to {output}")
+    if missing:
+        sys.exit(1)
 
 
 # -- relay recipients ---------------------------------------------------------------------------

@@ -42,6 +42,14 @@ class Operations(Connected):
             sql += " WHERE " + " AND ".join(where)
         return [row[0] for row in self.conn.execute(sql + " ORDER BY m.received_at, m.id", params)]
 
+    def chosen(self, ids: Sequence[str], selection: Selection) -> tuple[list[str], list[str]]:
+        """(the named ids that exist and the selected ones, oldest first; the named missing)."""
+        named, missing = self._existing(ids)
+        found = named
+        if not selection.empty:
+            found = list(dict.fromkeys([*named, *self.select(selection)]))
+        return found, missing
+
     def _existing(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
         found: list[str] = []
         missing: list[str] = []
