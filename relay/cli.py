@@ -17,6 +17,7 @@ import click
 
 from relay import config as config_module
 from relay.config import Config, ConfigError, DomainConfig, parse_hostport
+from relay.envelope import domain_of, split
 from relay.status import status_report
 from relay.store import (
     HELD,
@@ -630,9 +631,9 @@ def _parse_import(lines: Sequence[str], cfg: Config) -> tuple[list[str], list[st
         line = raw.split("#", 1)[0].strip().strip("<>")
         if not line:
             continue
-        local, at, domain = line.rpartition("@")
-        settings = cfg.domain(domain.lower().rstrip(".")) if at else None
-        if not local or not at or not domain or any(c.isspace() for c in line):
+        local, domain = split(line)
+        settings = cfg.domain(domain_of(line)) if domain else None
+        if not local or not domain or any(c.isspace() for c in line):
             problems.append(f"line {number}: {raw.strip()!r} is not an address (local@domain)")
         elif settings is None:
             problems.append(f"line {number}: {line}: {domain} is not a configured domain")
@@ -830,8 +831,8 @@ def _rescue_address(cfg: Config, address: str) -> tuple[str, DomainConfig]:
     from relay import rescue as rescue_module
 
     address = address.strip().strip("<>")
-    local, _, domain_name = address.rpartition("@")
-    settings = cfg.domain(domain_name.lower().rstrip(".")) if local else None
+    local, domain = split(address)
+    settings = cfg.domain(domain_of(address)) if local and domain else None
     if settings is None:
         raise click.BadParameter(f"{address} is not an address of a configured domain")
     if rescue_module.maildir_of(Path(cfg.rescue.path), address) is None:

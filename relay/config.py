@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.envelope import domain_key
+from relay.envelope import domain_key, split
 from relay.tls import TLS_MODES
 
 T = TypeVar("T")
@@ -318,8 +318,8 @@ def _text(value: Any) -> str:
 def _address(value: Any) -> str:
     """A plain mailbox, local@domain, as an envelope would carry it (no <>, no comments)."""
     text = _text(value).strip()
-    local, at, domain = text.rpartition("@")
-    if not at or not local or "." not in domain or any(c.isspace() or c in "<>,;" for c in text):
+    local, domain = split(text)
+    if not local or "." not in domain or any(c.isspace() or c in "<>,;" for c in text):
         raise ValueError(f"expected an address such as hostmaster@example.org, got {value!r}")
     return f"{local}@{domain.lower().rstrip('.')}"
 

@@ -29,7 +29,7 @@ from relay import metrics, rspamd
 from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
 from relay.config import Config
 from relay.dnsbl import DnsLists, Site, Verdict, parse_site
-from relay.envelope import address_problem
+from relay.envelope import address_problem, domain_of, split
 from relay.limits import Limits, Refusal
 from relay.logs import fields
 from relay.policy import RecipientPolicy
@@ -682,8 +682,8 @@ def etrn_domains(config: Config, node: str) -> list[str]:
 
 def recipient_problem(address: str) -> str | None:
     """Syntax a backup MX refuses before looking at domains (RFC 5321 4.1.2, 3.6.1)."""
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
+    local, domain = split(address)
+    if not local or not domain:
         return Replies.BAD_RECIPIENT
     if _ROUTING_CHARS & set(local):
         return Replies.ROUTED_RECIPIENT.format(address=address)
@@ -862,10 +862,10 @@ class IntakeHandler:
         config = self.config
         if config.postmaster is None:
             return False
-        local, at, domain = address.rpartition("@")
-        if not at:
+        local, domain = split(address)
+        if not domain:
             return address.lower() == "postmaster"
-        mine = domain.lower().rstrip(".") == config.hostname.lower()
+        mine = domain_of(address) == config.hostname.lower()
         return mine and local.lower() in ("postmaster", "abuse")
 
     def delivered_as(self, recipient: NewRecipient) -> NewRecipient:

@@ -36,7 +36,7 @@ from typing import Protocol
 
 from relay.config import Config, DomainConfig
 from relay.courier import Reply, SessionError, first_answer, verify_recipient
-from relay.envelope import domain_of
+from relay.envelope import domain_of, split
 from relay.health import DestinationHealth
 from relay.limits import Refusal
 from relay.mx import Hop, RouteError
@@ -120,7 +120,7 @@ class RecipientLists:
         if settings.recipients_file:
             entries = entries | self._file_entries(settings.recipients_file)
         lowered = address.lower()
-        local = lowered.rpartition("@")[0]
+        local = split(lowered)[0]
         return (wildcard and "*" in entries) or lowered in entries or local in entries
 
     def _static_entries(self, settings: DomainConfig) -> frozenset[str]:
@@ -369,7 +369,7 @@ class RecipientPolicy:
         """The relay knows this mailbox exists: listed by name, imported, or accepted by the
         primary (a callout or a delivery). Never a guess: no catch-all, no address that got
         450 while the primary could not be asked (relay.rescue gives copies only to these)."""
-        settings = self.get_config().domain(address.rpartition("@")[2].lower().rstrip("."))
+        settings = self.get_config().domain(domain_of(address))
         if settings is None:
             return False
         if self.lists.lookup(settings, address, wildcard=False):
