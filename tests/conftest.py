@@ -392,10 +392,11 @@ class RelayProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.address: tuple[str, int] | None = None
+        self._offset = 0  # where the latest start's lines begin in the log file
 
     def start(self) -> tuple[str, int]:
         """Starts the server and returns its SMTP address once it accepts connections."""
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        offset = self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 relay_command("serve", "--config", str(self.config_path)),
@@ -416,15 +417,22 @@ class RelayProcess:
 
         address = wait_for(listening, "relay serve to listen")
         wait_for(lambda: _accepts(address), f"{address} to accept connections")
+        # Its last start line: every listener (metrics too) is open and logged by then.
+        wait_for(lambda: "relay started: " in self._latest_log(), "relay serve to finish starting")
         self.address = address
         return address
+
+    def _latest_log(self) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(self._offset)
+            return log.read().decode("utf-8", "replace")
 
     def log(self) -> str:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
 
     def metrics_base(self) -> str | None:
         """`http://host:port` of the metrics listener the latest start logged, if any."""
-        found = re.findall(r"metrics on (http://\S+?)/metrics", self.log())
+        found = re.findall(r"metrics on (http://\S+?)/metrics", self._latest_log())
         return found[-1] if found else None
 
     def kill(self) -> None:
