@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -150,6 +150,15 @@ class Scheduler:
         self._writes: set[asyncio.Task[Any]] = set()  # waited for by stop() and settle()
         self.recorder = Recorder(
             self.store, self.get_config, self.inflight, self.wake.set, self._retry_at
+        )
+        self.results = SessionResults(
+            self.get_config,
+            self.clock,
+            self.up,
+            self.steering,
+            self.recorder,
+            self._retry_at,
+            self.learn,
         )
 
     @property
@@ -291,13 +300,13 @@ class Scheduler:
                         session, hop = await self.opener.open(dest.name)
                     await self._deliver(dest, session, hop, message, recipients)
                 except _RouteFailed as failed:
-                    await self._fail_route(dest, message, recipients, failed)
+                    await self.results.route_failed(dest, message, recipients, failed)
                     session = None
                 except StorageError as exc:
                     # Reading the body failed: nothing was sent; the message is due again.
                     log.warning("%s: queue not readable: %s", message.id, exc)
                 except SessionError as exc:
-                    await self._session_broke(dest, message, recipients, exc, hop)
+                    await self.results.session_broke(dest, message, recipients, exc, hop)
                     with contextlib.suppress(Exception):
                         if session is not None:
                             await session.close()
@@ -330,70 +339,7 @@ class Scheduler:
         started = time.monotonic()
         replies = await session.send(outgoing)
         metrics.delivery_duration.observe(time.monotonic() - started)
-        now = self.clock()
-        host = hop.host if hop else ""
-        outcomes = [self._outcome(r, replies[r.address], now, host) for r in recipients]
-        self._observe(dest, [replies[r.address] for r in recipients], now)
-        if self.learn is not None:
-            for outcome in outcomes:
-                if outcome.state == DELIVERED:
-                    self.learn(outcome.address)
-        await self.recorder.finish(message, outcomes, now, body=body)
-
-    def _outcome(self, recipient: RecipientRow, reply: Reply, now: float, host: str) -> Outcome:
-        retry_at = self._retry_at(recipient, now)
-        # A refusal the courier made itself names no remote host (it would read "host … said").
-        where = "" if reply.local else host
-        return outcome_for(
-            recipient.address, reply.code, reply.permanent, str(reply), where, retry_at
-        )
-
-    def _observe(self, dest: Destination, replies: Sequence[Reply], now: float) -> None:
-        """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
-        ceiling = self.config.delivery.per_host_concurrency
-        for reply in replies:
-            if 200 <= reply.code < 300 and not self.steering.rerouted(dest.name):
-                self.up.succeeded(dest.name, now)
-            if dest.count(reply, ceiling):
-                self._mark_down(dest, str(reply), now)
-
-    async def _session_broke(
-        self,
-        dest: Destination,
-        message: MessageRow,
-        recipients: tuple[RecipientRow, ...],
-        exc: SessionError,
-        hop: Hop | None,
-    ) -> None:
-        log.info("%s: session to %s broke: %s", message.id, hop.host if hop else "?", exc.reply)
-        now = self.clock()
-        await self.recorder.defer(
-            message, recipients, str(exc.reply), now, host=hop.host if hop else ""
-        )
-        dest.streak_4xx += 1
-        if exc.reply.code == 421 or dest.streak_4xx >= DOWN_AFTER_4XX:
-            self._mark_down(dest, str(exc.reply), now)
-
-    async def _fail_route(
-        self,
-        dest: Destination,
-        message: MessageRow,
-        recipients: tuple[RecipientRow, ...],
-        failed: _RouteFailed,
-    ) -> None:
-        now = self.clock()
-        reason = failed.reason
-        if isinstance(reason, RouteError):
-            metrics.routing_failures.labels(dest.name, reason.kind).inc()
-            text = f"{'550 5.1.2' if reason.permanent else '451 4.4.3'} {reason}"
-            if reason.permanent:
-                outcomes = [Outcome(r.address, FAILED, text) for r in recipients]
-                await self.recorder.finish(message, outcomes, now)
-                return
-        else:
-            text = str(reason.reply)
-        self._mark_down(dest, text, now)
-        await self.recorder.defer(message, recipients, text, now, host="")
+        await self.results.sent(dest, message, recipients, replies, hop, body)
 
     async def _defer_queued(self, dest: Destination) -> None:
         """The destination went down: everything still waiting for it is deferred now."""
@@ -404,15 +350,6 @@ class Scheduler:
         finally:
             for message, _ in items:
                 self.inflight.release(message.id)
-
-    # -- up and down ------------------------------------------------------------------------
-
-    def _mark_down(self, dest: Destination, error: str, now: float) -> None:
-        if self.steering.rerouted(dest.name):
-            return  # the reroute target is not the primary: its failures say nothing of it
-        if not self.up.is_down(dest.name):
-            dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
-        self.up.failed(dest.name, error, now)
 
     async def _recovered(self, domain: str) -> None:
         """The destination answers again (relay.health): all of its mail is due at once."""
@@ -474,6 +411,106 @@ class Scheduler:
         self.up.probe_soon(domain)  # down: ask now; its answer releases the mail
         self.wake.set()
         return int(count)
+
+
+@dataclass
+class SessionResults:
+    """What a session's replies and failures mean: the outcomes to record, what the primary
+    learned about its recipients, and the destination's ramp and health."""
+
+    get_config: Callable[[], Config]
+    clock: Callable[[], float]
+    up: DestinationHealth
+    steering: Steering
+    recorder: Recorder
+    retry_at: Callable[[RecipientRow, float], float]
+    learn: Callable[[str], None] | None
+
+    @property
+    def config(self) -> Config:
+        return self.get_config()
+
+    async def sent(
+        self,
+        dest: Destination,
+        message: MessageRow,
+        recipients: tuple[RecipientRow, ...],
+        replies: Mapping[str, Reply],
+        hop: Hop | None,
+        body: bytes,
+    ) -> None:
+        """The primary's reply to each recipient of one transaction, recorded."""
+        now = self.clock()
+        host = hop.host if hop else ""
+        outcomes = [self._outcome(r, replies[r.address], now, host) for r in recipients]
+        self._observe(dest, [replies[r.address] for r in recipients], now)
+        if self.learn is not None:
+            for outcome in outcomes:
+                if outcome.state == DELIVERED:
+                    self.learn(outcome.address)
+        await self.recorder.finish(message, outcomes, now, body=body)
+
+    def _outcome(self, recipient: RecipientRow, reply: Reply, now: float, host: str) -> Outcome:
+        retry_at = self.retry_at(recipient, now)
+        # A refusal the courier made itself names no remote host (it would read "host … said").
+        where = "" if reply.local else host
+        return outcome_for(
+            recipient.address, reply.code, reply.permanent, str(reply), where, retry_at
+        )
+
+    def _observe(self, dest: Destination, replies: Sequence[Reply], now: float) -> None:
+        """Ramp sessions up on 2xx; treat 421 or a burst of 4xx as the destination down again."""
+        ceiling = self.config.delivery.per_host_concurrency
+        for reply in replies:
+            if 200 <= reply.code < 300 and not self.steering.rerouted(dest.name):
+                self.up.succeeded(dest.name, now)
+            if dest.count(reply, ceiling):
+                self.mark_down(dest, str(reply), now)
+
+    async def session_broke(
+        self,
+        dest: Destination,
+        message: MessageRow,
+        recipients: tuple[RecipientRow, ...],
+        exc: SessionError,
+        hop: Hop | None,
+    ) -> None:
+        log.info("%s: session to %s broke: %s", message.id, hop.host if hop else "?", exc.reply)
+        now = self.clock()
+        await self.recorder.defer(
+            message, recipients, str(exc.reply), now, host=hop.host if hop else ""
+        )
+        dest.streak_4xx += 1
+        if exc.reply.code == 421 or dest.streak_4xx >= DOWN_AFTER_4XX:
+            self.mark_down(dest, str(exc.reply), now)
+
+    async def route_failed(
+        self,
+        dest: Destination,
+        message: MessageRow,
+        recipients: tuple[RecipientRow, ...],
+        failed: _RouteFailed,
+    ) -> None:
+        now = self.clock()
+        reason = failed.reason
+        if isinstance(reason, RouteError):
+            metrics.routing_failures.labels(dest.name, reason.kind).inc()
+            text = f"{'550 5.1.2' if reason.permanent else '451 4.4.3'} {reason}"
+            if reason.permanent:
+                outcomes = [Outcome(r.address, FAILED, text) for r in recipients]
+                await self.recorder.finish(message, outcomes, now)
+                return
+        else:
+            text = str(reason.reply)
+        self.mark_down(dest, text, now)
+        await self.recorder.defer(message, recipients, text, now, host="")
+
+    def mark_down(self, dest: Destination, error: str, now: float) -> None:
+        if self.steering.rerouted(dest.name):
+            return  # the reroute target is not the primary: its failures say nothing of it
+        if not self.up.is_down(dest.name):
+            dest.limit = min(RAMP_START, self.config.delivery.per_host_concurrency)
+        self.up.failed(dest.name, error, now)
 
 
 @dataclass
