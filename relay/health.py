@@ -72,6 +72,11 @@ def watched(settings: DomainConfig) -> bool:
     return settings.accept == "when_primary_down" or settings.verify == "callout"
 
 
+# Seconds between probes of a down destination that has mail waiting (issue 17: the primary
+# back, the first delivery within about a second, never more than one probe a second).
+WAITING_PROBE_INTERVAL = 1.0
+
+
 class DestinationHealth:
     """Every destination's `Health`, its transitions and its probe loop."""
 
@@ -249,13 +254,27 @@ class DestinationHealth:
         self._loops[name] = asyncio.create_task(self._down_loop(name, first_delay))
 
     async def _down_loop(self, name: str, first_delay: float | None) -> None:
-        """While down: a probe every probe_interval; the first answer is the recovery."""
-        interval = self.get_config().delivery.probe_interval
-        delay = interval if first_delay is None else first_delay
+        """While down: a probe every so often; the first answer is the recovery.
+
+        A destination with mail waiting is probed every WAITING_PROBE_INTERVAL (or
+        probe_interval, if shorter), so that mail leaves within about a second of the primary's
+        return, one connection a second at most; one with nothing waiting every probe_interval.
+        """
+        delay = await self._probe_delay(name) if first_delay is None else first_delay
         while self.is_down(name) and not self._stopping:
             await asyncio.sleep(delay)
-            delay = self.get_config().delivery.probe_interval
             await self._probe(name)
+            delay = await self._probe_delay(name)
+
+    async def _probe_delay(self, name: str) -> float:
+        interval = self.get_config().delivery.probe_interval
+        if self.store is None:
+            return interval
+        try:
+            waiting = await self.store.run(lambda s: s.has_waiting(name))
+        except StorageError:
+            waiting = True  # cannot tell: the shorter wait costs one probe a second at most
+        return min(WAITING_PROBE_INTERVAL, interval) if waiting else interval
 
     async def _probe_once(self, name: str) -> None:
         """One probe, shared by everyone who asks meanwhile."""

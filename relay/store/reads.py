@@ -150,6 +150,14 @@ class Reads(Connected):
         return found
 
     @_translated
+    def has_waiting(self, domain: str) -> bool:
+        """Whether any recipient of `domain` waits in the queue (held mail included)."""
+        row = self.conn.execute(
+            "SELECT 1 FROM recipients WHERE domain = ? AND state = ? LIMIT 1", (domain, QUEUED)
+        ).fetchone()
+        return row is not None
+
+    @_translated
     def next_due_at(self) -> float | None:
         row = self.conn.execute(
             "SELECT MIN(r.next_attempt_at) FROM recipients r JOIN messages m ON m.id = r.message_id"
