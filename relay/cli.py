@@ -888,23 +888,34 @@ def rescue_revoke(address: str, config_path: str | None) -> None:
 
 @rescue.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.option(
+    "--dovecot-log",
+    type=click.File("r", encoding="utf-8", errors="replace"),
+    help="Dovecot's log (log_path, or the mail log): adds each person's last IMAP login.",
+)
 @config_option
-def rescue_list(as_json: bool, config_path: str | None) -> None:
-    """Who has access to a rescue mailbox, and how many messages it holds."""
+def rescue_list(as_json: bool, dovecot_log: Any, config_path: str | None) -> None:
+    """Who has access to a rescue mailbox, how many messages it holds, and their last login."""
     from relay import rescue as rescue_module
 
     cfg, _ = _load_config(config_path)
     root = Path(cfg.rescue.path)
-    rows: list[tuple[str, int]] = []
+    logins = rescue_module.last_logins(dovecot_log) if dovecot_log is not None else {}
+    rows: list[tuple[str, int, str | None]] = []
     for address in sorted(rescue_module.read_access(rescue_module.passwd_path(cfg))):
         maildir = rescue_module.maildir_of(root, address)
-        rows.append((address, rescue_module.count_messages(maildir) if maildir else 0))
+        count = rescue_module.count_messages(maildir) if maildir else 0
+        rows.append((address, count, logins.get(address)))
     if as_json:
-        listing = [{"address": address, "messages": count} for address, count in rows]
+        listing = [
+            {"address": address, "messages": count, "last_login": login}
+            for address, count, login in rows
+        ]
         echo(json_text(listing, indent=2))
         return
-    for address, count in rows:
-        echo(f"{address}  {plural(count, 'message')}")
+    for address, count, login in rows:
+        seen = f"  last login {login}" if login else ("  never logged in" if dovecot_log else "")
+        echo(f"{address}  {plural(count, 'message')}{seen}")
     echo(f"-- {plural(len(rows), 'person', 'people')} with access")
 
 

@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -271,6 +271,23 @@ def new_password() -> tuple[str, str]:
     password = secrets.token_urlsafe(12)
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
     return password, SCHEME + hashed
+
+
+# Dovecot's successful IMAP login line, in its own log file or in syslog's mail log:
+# "Dec 05 12:08:55 imap-login: Info: Login: user=<bob@example.org>, method=PLAIN, ..."
+_LOGIN = re.compile(
+    r"^(?P<when>\w{3} [ \d]\d \d\d:\d\d:\d\d)\b.*imap-login: .*Login: user=<(?P<user>[^>]+)>"
+)
+
+
+def last_logins(lines: Iterable[str]) -> dict[str, str]:
+    """address → the time of its last successful IMAP login, as Dovecot's log writes it."""
+    seen: dict[str, str] = {}
+    for line in lines:
+        match = _LOGIN.match(line)
+        if match is not None:
+            seen[match.group("user").lower()] = match.group("when")
+    return seen
 
 
 def count_messages(maildir: Path) -> int:

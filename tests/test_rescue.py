@@ -154,6 +154,14 @@ def test_grant_revoke_and_list_manage_dovecot_s_passwd_file(tmp_path: Path) -> N
     assert out.splitlines()[1] != f"password: {password}"
     code, out, _ = cli(config, "rescue", "list")
     assert out.splitlines() == [f"bob@{DOMAIN}  0 messages", "-- 1 person with access"]
+    log = tmp_path / "dovecot.log"
+    log.write_text(
+        f"Dec 05 12:08:55 imap-login: Info: Login: user=<bob@{DOMAIN}>, method=PLAIN\n"
+        f"Dec 05 12:09:30 imap-login: Info: Disconnected (auth failed): user=<bob@{DOMAIN}>\n"
+        f"Dec  5 13:01:02 mx2 dovecot: imap-login: Login: user=<Bob@{DOMAIN}>, method=PLAIN\n"
+    )
+    code, out, _ = cli(config, "rescue", "list", "--dovecot-log", str(log))
+    assert out.splitlines()[0] == f"bob@{DOMAIN}  0 messages  last login Dec  5 13:01:02"
 
     assert cli(config, "rescue", "revoke", f"bob@{DOMAIN}")[:2] == (
         0,
