@@ -358,7 +358,7 @@ def relay_command() -> list[str]:
 
 def relay_environment() -> dict[str, str]:
     """The bench runs as root for Postfix's sake; the relay refuses root unless told it is
-    meant (relay/cli.py). Its figures do not depend on the user it runs as."""
+    meant (relay/ops/cli.py). Its figures do not depend on the user it runs as."""
     return {**os.environ, ALLOW_ROOT: "1"}
 
 

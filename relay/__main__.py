@@ -4,7 +4,7 @@ Tests run it with the interpreter that imported the code under test, so a subpro
 exactly that code, whichever copy of the tree it lives in.
 """
 
-from relay.cli import main
+from relay.ops.cli import main
 
 if __name__ == "__main__":
     main(prog_name="relay")

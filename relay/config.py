@@ -486,7 +486,7 @@ def _flag(value: Any) -> bool:
 
 
 def _dnsbl_sites(value: Any) -> tuple[str, ...]:
-    from relay.dnsbl import parse_site
+    from relay.smtp.dnsbl import parse_site
 
     sites = _strings(value)
     for site in sites:

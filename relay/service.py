@@ -22,19 +22,20 @@ from typing import Any, TypeVar
 import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import audit, metrics, tls
 from relay import config as config_module
+from relay import tls
 from relay.config import Config
-from relay.delivery import Scheduler
-from relay.dnsbl import DnsLists
+from relay.delivery.health import DestinationHealth
+from relay.delivery.mx import Router
+from relay.delivery.scheduler import Scheduler
 from relay.envelope import hostport
-from relay.health import DestinationHealth
-from relay.intake import IntakeHandler, RelaySMTP
-from relay.limits import Limits
-from relay.mx import Router
-from relay.policy import RecipientPolicy
-from relay.rescue import Rescuer
-from relay.status import render_page, status_report
+from relay.ops import audit, metrics
+from relay.ops.rescue import Rescuer
+from relay.ops.status import render_page, status_report
+from relay.smtp.dnsbl import DnsLists
+from relay.smtp.intake import IntakeHandler, RelaySMTP
+from relay.smtp.limits import Limits
+from relay.smtp.policy import RecipientPolicy
 from relay.store import AsyncStore, DomainControl, NewMessage, StorageError, Store
 
 log = logging.getLogger("relay")

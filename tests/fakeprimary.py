@@ -29,7 +29,7 @@ import pytest_asyncio
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.mx import Hop
+from relay.delivery.mx import Hop
 
 STALL_POINTS = ("greeting", "EHLO", "STARTTLS", "MAIL", "RCPT", "DATA", "dot", "RSET")
 DISCONNECT_POINTS = ("data", "dot")

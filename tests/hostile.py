@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import DEADLINE, DOMAIN, Conversation, dot_stuff, open_store
 
-from relay import metrics
+from relay.ops import metrics
 from relay.service import Relay
 
 SIMPLE = b"From: <sender@client.test>\r\nSubject: hello\r\n\r\nHello.\r\n"

@@ -21,7 +21,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from relay.cli import main
+from relay.ops.cli import main
 from relay.store import (
     DELIVERED,
     HELD,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.courier import (
+from relay.delivery.courier import (
     OutboundSession,
     Outgoing,
     OutgoingRecipient,
@@ -21,7 +21,7 @@ from relay.courier import (
     probe,
     verify_recipient,
 )
-from relay.mx import Hop
+from relay.delivery.mx import Hop
 
 try:  # tests/ is on sys.path while it has no __init__.py; the project root once it has one
     import fakeprimary

@@ -19,10 +19,11 @@ import pytest
 import pytest_asyncio
 
 from relay import config as config_module
-from relay import delivery, metrics
-from relay.delivery import Scheduler
-from relay.mx import Router
-from relay.outcomes import OPERATOR_BOUNCE, backoff
+from relay.delivery import scheduler as delivery
+from relay.delivery.mx import Router
+from relay.delivery.outcomes import OPERATOR_BOUNCE, backoff
+from relay.delivery.scheduler import Scheduler
+from relay.ops import metrics
 from relay.store import FAILED, HELD, QUEUED, AsyncStore, NewMessage, NewRecipient, Store
 from tests.conftest import LOCAL_DNS
 from tests.dnsserver import DnsServer, dns_server

@@ -1,10 +1,11 @@
 """Checks of deploy/ that need no external tool: what promtool and systemd-analyze cannot see.
 
-The metric names are a contract (relay/metrics.py): a dashboard panel or an alert naming a metric
-the relay does not export shows "no data" or never fires, silently. So every PromQL expression in
-the dashboard and the alert rules is checked against `metric_names()`. The production config must
-be accepted by the real loader with its documented defaults, and the files docker-compose.yml mounts
-must exist and agree with each other, or `docker compose up` would not show the dashboard.
+The metric names are a contract (relay/ops/metrics.py): a dashboard panel or an alert naming a
+metric the relay does not export shows "no data" or never fires, silently. So every PromQL
+expression in the dashboard and the alert rules is checked against `metric_names()`. The
+production config must be accepted by the real loader with its documented defaults, and the
+files docker-compose.yml mounts must exist and agree with each other, or `docker compose up`
+would not show the dashboard.
 
 PyYAML is not a dependency, so the YAML files are read with small line-based parsers of the subset
 they use; deploy/check.sh runs promtool on the same files, which parses them fully.
@@ -34,7 +35,7 @@ from typing import Any
 import pytest
 
 from relay import config
-from relay.metrics import metric_names
+from relay.ops.metrics import metric_names
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -18,15 +18,23 @@ from click.testing import CliRunner
 from prometheus_client.metrics import MetricWrapperBase
 
 from docs import gen_help
-from relay import metrics
-from relay.cli import main
+from relay.ops import metrics
+from relay.ops.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ROOT / "docs" / "operations.md"
 LOG_LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 # A reply as the relay writes it: "550 5.7.1 …" (RFC 3463 enhanced code, then text).
 _REPLY = re.compile(r"^[2-5]\d\d [2-5]\.\d{1,3}\.\d{1,3} ")
-REPLY_MODULES = ("intake.py", "limits.py", "policy.py", "delivery.py", "rspamd.py")
+REPLY_MODULES = (
+    "smtp/intake.py",
+    "smtp/limits.py",
+    "smtp/policy.py",
+    "delivery/scheduler.py",
+    "smtp/rspamd.py",
+)
+# Where the log lines live: the top level and the journey's stages (the store logs nothing).
+LOG_DIRECTORIES = ("", "smtp", "delivery", "ops")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +120,8 @@ def _calls(path: Path) -> Iterator[ast.Call]:
 
 def log_formats() -> Iterator[tuple[str, str, str]]:
     """(module, level, format) of every `log.<level>("...", ...)` call in relay/."""
-    for path in sorted((ROOT / "relay").glob("*.py")):
+    paths = [p for d in LOG_DIRECTORIES for p in sorted((ROOT / "relay" / d).glob("*.py"))]
+    for path in paths:
         for call in _calls(path):
             func = call.func
             if (

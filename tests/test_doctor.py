@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay import doctor
 from relay.config import Config
-from relay.doctor import (
+from relay.delivery.mx import RouteError, Router
+from relay.ops import doctor
+from relay.ops.doctor import (
     INFO,
     OK,
     PROBLEM,
@@ -40,7 +41,6 @@ from relay.doctor import (
     name_matches,
     parse_policy,
 )
-from relay.mx import RouteError, Router
 from relay.store import Store
 from tests.conftest import make_config, relay_command, relay_env, run_relay, write_config
 from tests.dnsserver import DnsServer, dns_server

@@ -16,9 +16,9 @@ import pytest
 from conftest import DEADLINE, DOMAIN, Conversation, conversation, open_store, smtp_address
 from hostile import closes, deliver, eventually, rejected
 
-from relay import metrics
-from relay.courier import OutgoingRecipient, _recipient_problem
+from relay.delivery.courier import OutgoingRecipient, _recipient_problem
 from relay.envelope import MAX_DOMAIN, MAX_LOCAL_PART, address_problem
+from relay.ops import metrics
 from relay.service import Relay
 
 RelayFactory = Callable[..., Awaitable[Relay]]

@@ -10,7 +10,7 @@ from email.message import EmailMessage, Message
 
 import pytest
 
-from relay.dsn import RecipientReport, build_dsn, status_from_reply
+from relay.delivery.dsn import RecipientReport, build_dsn, status_from_reply
 
 ARRIVAL = datetime(2026, 3, 1, 9, 30, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 2, 10, 0, 0, tzinfo=UTC)

@@ -39,8 +39,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from relay import metrics
 from relay.envelope import address_problem, domain_of
+from relay.ops import metrics
 from relay.service import Relay
 
 T = TypeVar("T")

@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.adapters.aiosmtpd import parse_address
-from relay.intake import RelaySMTP
 from relay.service import Relay
+from relay.smtp.intake import RelaySMTP
 from relay.store import MessageRow, NewMessage, StorageError
 from tests.conftest import (
     DOMAIN,

@@ -26,9 +26,9 @@ from hostile import (
     stored_count,
 )
 
-from relay import metrics
-from relay.limits import Limits, client_key
+from relay.ops import metrics
 from relay.service import Relay
+from relay.smtp.limits import Limits, client_key
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 WELL_BEHAVED = "127.0.0.1"

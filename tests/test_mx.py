@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from relay.mx import Hop, RouteError, Router
+from relay.delivery.mx import Hop, RouteError, Router
 from tests.dnsserver import DnsServer, dns_server, unused_udp_port
 
 __all__ = ["dns_server"]

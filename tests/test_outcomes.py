@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import outcomes
 from relay.config import Config
+from relay.delivery import outcomes
 from relay.store import DELIVERED, FAILED, QUEUED, MessageRow, Outcome, RecipientRow
 from tests.conftest import make_config
 

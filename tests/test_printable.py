@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.logs import JsonFormatter, TextFormatter
+from relay.ops.logs import JsonFormatter, TextFormatter
 from relay.store import NewMessage, NewRecipient
 from relay.words import json_text, printable
 from tests.conftest import (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import doctor
-from relay.doctor import OK, PROBLEM
+from relay.ops import doctor
+from relay.ops.doctor import OK, PROBLEM
 from relay.store import Store
 from tests.conftest import make_config, run_relay, write_config
 

@@ -8,6 +8,7 @@ stops; the metrics are scraped from the real HTTP endpoint and parsed with prome
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import subprocess
@@ -523,7 +524,7 @@ async def test_a_down_primary_with_mail_waiting_is_probed_every_second_and_mail_
     await send(server)
     await wait_until(lambda: seen_down(server), "the primary seen down")
     await wait_until(lambda: len(probes) >= 3, "three probes", 10)
-    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert all(gap >= 0.9 for gap in gaps), gaps  # one a second at most
     primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
     back = time.monotonic()

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from relay import rspamd
 from relay.config import ConfigError, SpamConfig
 from relay.service import Relay
+from relay.smtp import rspamd
 from tests.conftest import (
     DOMAIN,
     Reply,

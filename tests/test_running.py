@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import make_config, run_relay, write_config
 
-from relay.cli import root_refused
 from relay.config import from_mapping
+from relay.ops.cli import root_refused
 
 
 @pytest.mark.parametrize(

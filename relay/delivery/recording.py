@@ -14,10 +14,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from relay import metrics
 from relay.config import Config
-from relay.logs import fields
-from relay.outcomes import OPERATOR_BOUNCE, expiry_reply, log_outcomes, notices, plan
+from relay.delivery.outcomes import OPERATOR_BOUNCE, expiry_reply, log_outcomes, notices, plan
+from relay.ops import metrics
+from relay.ops.logs import fields
 from relay.store import (
     FAILED,
     HELD,

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from relay.store import AsyncStore, AuditEntry, Store
 from relay.words import plural
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("relay.audit")
 
 # How long logged entries stay in the database: the log is the record, the table only a mailbox.
 KEEP_LOGGED = 30 * 86400.0

@@ -36,11 +36,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from relay import sender_checks, tls
+from relay import tls
 from relay.config import Config, DomainConfig, parse_hostport
-from relay.courier import SessionError, probe
+from relay.delivery.courier import SessionError, probe
+from relay.delivery.mx import NXDOMAIN, Hop, RouteError, Router, is_local_address
 from relay.envelope import hostport
-from relay.mx import NXDOMAIN, Hop, RouteError, Router, is_local_address
+from relay.ops import sender_checks
 from relay.store import StorageError, Store
 from relay.store.files import queue_paths, unsafe_queue_files, user_name
 from relay.words import plural

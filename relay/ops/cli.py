@@ -18,7 +18,7 @@ import click
 from relay import config as config_module
 from relay.config import Config, ConfigError, DomainConfig, parse_hostport
 from relay.envelope import domain_of, split
-from relay.status import status_report
+from relay.ops.status import status_report
 from relay.store import (
     HELD,
     Actor,
@@ -90,7 +90,8 @@ def main() -> None:
 )
 def serve(config_path: str | None, log_format: str | None, allow_root: bool) -> None:
     """Run the relay: accept mail for the configured domains and redeliver it."""
-    from relay import logs, service
+    from relay import service
+    from relay.ops import logs
 
     cfg, chosen = _load_config(config_path)
     if root_refused(os.geteuid(), allow_root, os.environ.get(ALLOW_ROOT_ENV, "")):
@@ -562,7 +563,7 @@ def export(
     For a person who needs a message now, or to load a domain's held mail into another mail
     system. Selections are those of the other queue commands. The queue is not changed.
     """
-    from relay import export as exporting
+    from relay.ops import export as exporting
 
     selection = _chosen(message_ids, domain, sender, recipient, older_than, everything)
     if fmt == "eml" and output == "-" and (len(message_ids) != 1 or not selection.empty):
@@ -828,7 +829,7 @@ def rescue() -> None:
 
 
 def _rescue_address(cfg: Config, address: str) -> tuple[str, DomainConfig]:
-    from relay import rescue as rescue_module
+    from relay.ops import rescue as rescue_module
 
     address = address.strip().strip("<>")
     local, domain = split(address)
@@ -848,7 +849,7 @@ def _rescue_address(cfg: Config, address: str) -> tuple[str, DomainConfig]:
 @config_option
 def rescue_grant(address: str, config_path: str | None) -> None:
     """Give ADDRESS access to its rescue mailbox, or reset it: prints a new password, once."""
-    from relay import rescue as rescue_module
+    from relay.ops import rescue as rescue_module
 
     cfg, _ = _load_config(config_path)
     address, settings = _rescue_address(cfg, address)
@@ -874,7 +875,7 @@ def rescue_grant(address: str, config_path: str | None) -> None:
 @config_option
 def rescue_revoke(address: str, config_path: str | None) -> None:
     """Take ADDRESS's access away (its copies stay until they expire)."""
-    from relay import rescue as rescue_module
+    from relay.ops import rescue as rescue_module
 
     cfg, _ = _load_config(config_path)
     address, _settings = _rescue_address(cfg, address)
@@ -896,7 +897,7 @@ def rescue_revoke(address: str, config_path: str | None) -> None:
 @config_option
 def rescue_list(as_json: bool, dovecot_log: Any, config_path: str | None) -> None:
     """Who has access to a rescue mailbox, how many messages it holds, and their last login."""
-    from relay import rescue as rescue_module
+    from relay.ops import rescue as rescue_module
 
     cfg, _ = _load_config(config_path)
     root = Path(cfg.rescue.path)
@@ -997,7 +998,7 @@ def doctor(config_path: str | None, as_json: bool) -> None:
 
     Prints each finding (ok, warning or problem) with its fix; exits 1 if any is a problem.
     """
-    from relay import doctor as checks
+    from relay.ops import doctor as checks
 
     cfg, _ = _load_config(config_path)
     import asyncio  # here, not at the top: `relay queue` starts faster without it

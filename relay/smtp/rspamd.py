@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from email.header import Header, decode_header, make_header
 from typing import Any
 
-from relay import metrics
 from relay.config import SpamConfig
-from relay.logs import fields
+from relay.ops import metrics
+from relay.ops.logs import fields
 from relay.words import one_line
 
 log = logging.getLogger("relay.rspamd")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from relay.mx import RouteError, Router
+from relay.delivery.mx import RouteError, Router
 
 LOOKUP_LIMIT = 10  # RFC 7208 4.6.4
 

@@ -38,7 +38,7 @@ from relay.tls import TLS_MODES
 from relay.words import one_line
 
 if TYPE_CHECKING:  # for annotations only: the courier needs no DNS at run time
-    from relay.mx import Hop
+    from relay.delivery.mx import Hop
 
 log = logging.getLogger("relay.courier")
 T = TypeVar("T")

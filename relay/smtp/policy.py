@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.config import Config, DomainConfig
-from relay.courier import Reply, SessionError, first_answer, verify_recipient
+from relay.delivery.courier import Reply, SessionError, first_answer, verify_recipient
+from relay.delivery.health import DestinationHealth
+from relay.delivery.mx import Hop, RouteError
 from relay.envelope import domain_of, split
-from relay.health import DestinationHealth
-from relay.limits import Refusal
-from relay.mx import Hop, RouteError
+from relay.smtp.limits import Refusal
 from relay.store import AsyncStore, StorageError, Store, address_key
 from relay.words import plural
 

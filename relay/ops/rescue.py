@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from relay import metrics
 from relay.config import Config, DomainConfig
 from relay.envelope import split
+from relay.ops import metrics
 from relay.store import AsyncStore, DomainControl, RescueCopy, StorageError, Store
 from relay.words import age, plural
 
 if TYPE_CHECKING:  # annotations only: `relay status` reads `active` without the server's parts
-    from relay.health import DestinationHealth
-    from relay.policy import RecipientPolicy
+    from relay.delivery.health import DestinationHealth
+    from relay.smtp.policy import RecipientPolicy
 
 log = logging.getLogger("relay.rescue")
 

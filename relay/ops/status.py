@@ -12,7 +12,7 @@ import html
 from typing import Any
 
 from relay.config import Config
-from relay.rescue import active as rescue_active
+from relay.ops.rescue import active as rescue_active
 from relay.store import DomainSummary, Store
 from relay.words import age, plural, rfc3339
 

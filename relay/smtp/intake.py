@@ -25,14 +25,15 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session, syntax
 
-from relay import metrics, rspamd
 from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
 from relay.config import Config
-from relay.dnsbl import DnsLists, Site, Verdict, parse_site
 from relay.envelope import address_problem, domain_of, split
-from relay.limits import Limits, Refusal
-from relay.logs import fields
-from relay.policy import RecipientPolicy
+from relay.ops import metrics
+from relay.ops.logs import fields
+from relay.smtp import rspamd
+from relay.smtp.dnsbl import DnsLists, Site, Verdict, parse_site
+from relay.smtp.limits import Limits, Refusal
+from relay.smtp.policy import RecipientPolicy
 from relay.store import (
     AsyncStore,
     NewMessage,

@@ -23,10 +23,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relay import metrics
 from relay.config import Config, DomainConfig
-from relay.courier import Reply, SessionError, first_answer, probe
-from relay.mx import Hop, RouteError, Router
+from relay.delivery.courier import Reply, SessionError, first_answer, probe
+from relay.delivery.mx import Hop, RouteError, Router
+from relay.ops import metrics
 from relay.store import AsyncStore, DestinationState, StorageError, Store
 
 log = logging.getLogger("relay.health")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # config validation imports this module: no DNS or metrics machinery for it
-    from relay.mx import Router
+    from relay.delivery.mx import Router
 
 MIN_TTL = 60.0  # postscreen_dnsbl_min_ttl
 MAX_TTL = 3600.0  # postscreen_dnsbl_max_ttl
@@ -123,7 +123,7 @@ class DnsLists:
                 ttls.append(ttl)
                 if site.weight > 0:
                     listed.append(site.zone)
-        from relay import metrics
+        from relay.ops import metrics
 
         metrics.spam_check_duration.labels("dnsbl").observe(time.monotonic() - started)
         verdict = Verdict(score, tuple(listed), tuple(silent))

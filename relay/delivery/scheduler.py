@@ -24,9 +24,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relay import metrics
 from relay.config import Config
-from relay.courier import (
+from relay.delivery.courier import (
     OutboundSession,
     Outgoing,
     OutgoingRecipient,
@@ -34,14 +33,15 @@ from relay.courier import (
     SessionError,
     first_answer,
 )
-from relay.health import DestinationHealth
-from relay.mx import Hop, RouteError, Router
-from relay.outcomes import (
+from relay.delivery.health import DestinationHealth
+from relay.delivery.mx import Hop, RouteError, Router
+from relay.delivery.outcomes import (
     backoff,
     outcome_for,
     suspended_reply,
 )
-from relay.recording import InFlight, Recorder
+from relay.delivery.recording import InFlight, Recorder
+from relay.ops import metrics
 from relay.store import (
     DELIVERED,
     FAILED,

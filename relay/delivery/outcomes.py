@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from relay import dsn, metrics
 from relay.config import Config
+from relay.delivery import dsn
 from relay.envelope import domain_of
-from relay.logs import fields
+from relay.ops import metrics
+from relay.ops.logs import fields
 from relay.store import (
     DELIVERED,
     FAILED,
