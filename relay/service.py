@@ -124,6 +124,7 @@ class Relay:
             cfg.queue.path, clock, on_write_error=metrics.queue_write_errors.inc
         )
         self.limits = Limits(lambda: self.config)
+        self.store.on_commit = self.limits.forget_free_space
         self.health = DestinationHealth(lambda: self.config, self.store, clock=clock)
         self.policy = RecipientPolicy(
             lambda: self.config, store=self.store, health=self.health, clock=clock

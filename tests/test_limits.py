@@ -381,3 +381,38 @@ async def test_below_min_free_space_mail_from_gets_452_before_any_data(
         assert reply.code == 503  # no transaction was started
     assert rejected("low_disk_space") == before + 1
     assert stored_count(server) == 0
+
+
+async def test_free_space_is_looked_up_once_per_commit_batch_not_per_mail_from(
+    relay_factory: RelayFactory,
+) -> None:
+    """statvfs cost 4 % of the CPU when every MAIL FROM made one: MAILs between two commits
+    share one answer, and a commit (which changed the disk) makes the next MAIL look again."""
+    server = await relay_factory()
+    lookups: list[int] = []
+    real = server.limits.free_space
+
+    def counted() -> int | None:
+        lookups.append(1)
+        return real()
+
+    server.limits.free_space = counted
+    talks = [await Conversation.open(smtp_address(server)) for _ in range(5)]
+    try:
+        for talk in talks:
+            await talk.ehlo()
+            assert (await talk.command("MAIL FROM:<sender@client.test>")).code == 250
+        assert len(lookups) == 1  # five MAILs, no commit between them
+        await deliver_rest(talks[0])
+        assert (await talks[0].command("MAIL FROM:<sender@client.test>")).code == 250
+        assert len(lookups) == 2  # the commit made the next MAIL look again
+    finally:
+        for talk in talks:
+            await talk.close()
+
+
+async def deliver_rest(talk: Conversation) -> None:
+    assert (await talk.command(f"RCPT TO:<rcpt@{DOMAIN}>")).code == 250
+    assert (await talk.command("DATA")).code == 354
+    await talk.send(dot_stuff(SIMPLE))
+    assert (await talk.reply()).code == 250

@@ -99,6 +99,9 @@ def disk_free(path: str) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+# Seconds a comfortable free-space answer is trusted at most, commits or not: another program
+# filling the disk is seen within this.
+FREE_SPACE_TTL = 1.0
 # The share of smtp.max_connections above which the relay is under stress (relay.intake then
 # shortens timeouts to smtp.stress_timeout), like Postfix's stress threshold of its process limit.
 STRESS_AT = 0.8
@@ -126,6 +129,10 @@ class Limits:
         self.inflight_bytes = 0
         self._recent: dict[str, collections.deque[float]] = {}
         self._checks = 0
+        # A recent free-space answer well above queue.min_free_space, shared by every MAIL FROM
+        # until the next commit (forget_free_space): one statvfs per commit batch, not per MAIL.
+        self._free: int | None = None
+        self._free_at = 0.0
 
     # -- connections --------------------------------------------------------------------------
 
@@ -174,7 +181,13 @@ class Limits:
         smtp = config.smtp
         if session.messages >= smtp.max_messages_per_session:
             return Refusal(Replies.TOO_MANY_MESSAGES.format(host=config.hostname), "max_messages")
-        free = self.free_space()
+        free = self._free if self.clock() - self._free_at < FREE_SPACE_TTL else None
+        if free is None:
+            free = self.free_space()
+            # Only a comfortable answer is kept: near the limit every MAIL looks again, so the
+            # space freed or filled by others is seen at once (tests/test_faults.py).
+            if free is not None and free >= 2 * config.queue.min_free_space:
+                self._free, self._free_at = free, self.clock()
         if free is not None and free < config.queue.min_free_space:
             log.warning(
                 "refusing mail: %d bytes free, queue.min_free_space is %d",
@@ -186,6 +199,10 @@ class Limits:
             reply = Replies.RATE.format(host=config.hostname, client=session.client_ip)
             return Refusal(reply, "rate_per_ip")
         return None
+
+    def forget_free_space(self) -> None:
+        """The queue committed (relay.store's writer thread): the disk changed, look again."""
+        self._free = None
 
     def _count_message(self, key: str) -> bool:
         """Counts one message for `key` in the sliding window; False when over the rate."""

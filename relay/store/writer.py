@@ -88,6 +88,8 @@ class AsyncStore:
         self.path = path
         self.clock = clock
         self.on_write_error = on_write_error
+        # Called (in the writer thread) after each commit that wrote rows: the disk changed.
+        self.on_commit: Callable[[], None] | None = None
         # The last write fault (disk full, I/O error, read-only), until a commit succeeds again.
         self.write_fault: str | None = None
         # Set for good once the queue file was deleted or replaced under the running server.
@@ -232,6 +234,7 @@ class AsyncStore:
         results: list[tuple[_Job, bool, Any]] = []
         faulted = False
         conn = store.conn
+        changes = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -249,6 +252,8 @@ class AsyncStore:
                         exc = StorageError(str(exc))
                     results.append((job, False, exc))
             conn.execute("COMMIT")
+            if self.on_commit is not None and conn.total_changes != changes:
+                self.on_commit()
         except sqlite3.Error as exc:
             log.error("queue commit failed: %s", exc)
             self._fault(exc)
