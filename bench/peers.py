@@ -37,7 +37,7 @@ ALLOW_ROOT = "RELAY_ALLOW_ROOT"
 SINK_USER = "nobody"  # smtp-sink refuses to run as root without dropping privileges
 POSTFIX_QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 # Postfix's durability is not configurable (cleanup fsyncs every queue file before 250); the
-# relay's is `PRAGMA synchronous=FULL` in WAL mode (relay/store.py). Both are left as shipped.
+# relay's is `PRAGMA synchronous=FULL` in WAL mode (relay/store/). Both are left as shipped.
 
 
 class BenchError(Exception):

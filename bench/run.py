@@ -62,7 +62,7 @@ port as the relay's) in the same run, one after the other so they never compete 
 Load comes from Postfix's `smtp-source` with 20 parallel sessions, one message per session (as a
 backup MX sees it: many senders, few messages each); the primary is Postfix's `smtp-sink`.
 Durability is the same on both sides and as shipped: Postfix's cleanup fsyncs each queue file
-before the 250, the relay commits with `PRAGMA synchronous=FULL` in WAL mode (relay/store.py),
+before the 250, the relay commits with `PRAGMA synchronous=FULL` in WAL mode (relay/store/),
 several messages per commit. smtp-source fails the run on any reply other than 2xx/3xx, so a
 rate is never inflated by rejected mail; counts are checked in both queues and at the sink.
 The bench runs as root (Postfix's daemons need it), so the relay is started with

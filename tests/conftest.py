@@ -72,7 +72,7 @@ NEVER_REACHED_PRIMARY = "127.0.0.1:1"
 DEADLINE = 15.0
 _QUEUED_AS = re.compile(r"queued as (\S+)")
 # CI and the dev container run the suite as root, and `relay serve` refuses root unless told
-# (relay.cli.root_refused). Set for the whole session so that every `relay serve` started by a
+# (relay.ops.cli.root_refused). Set for the whole session so that every `relay serve` started by a
 # test, through relay_env or not, inherits it; a test of the refusal passes RELAY_ALLOW_ROOT="".
 os.environ.setdefault("RELAY_ALLOW_ROOT", "1")
 # Tests never ask the machine's resolver (it is not on loopback): every relay under test
