@@ -342,6 +342,13 @@ async def test_drain_after_recovery_causes_no_deferral_of_our_own(
     )
     primary = await fake_primary(address=PRIMARY_ADDRESS, port=port)
     await wait_until(lambda: len(primary.delivered) == 500, "the whole queue drained", 60)
+
+    async def all_recorded() -> bool:
+        """The primary has the last messages a moment before their outcomes are committed."""
+        done = await metric(url, "relay_deliveries_total", domain=DOMAIN, result="delivered")
+        return done - delivered_before >= 500
+
+    await wait_until(all_recorded, "every delivery recorded")
     after = await asyncio.to_thread(scrape, url)
     assert sample(after, "relay_deliveries_total", domain=DOMAIN, result="deferred") == (
         deferred_before
