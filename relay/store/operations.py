@@ -94,10 +94,8 @@ class Operations(Connected):
         """
 
         def run(store: Operations) -> Operated:
-            named, missing = store._existing(ids)
-            found = named
-            if selection is not None and not selection.empty:
-                found = list(dict.fromkeys([*named, *store.select(selection)]))
+            found, missing = store.chosen(ids, selection or Selection())
+            named = set(ids) - set(missing)
             done: list[str] = []
             skipped: list[str] = []
             for message_id in found:
