@@ -138,6 +138,7 @@ class Rescuer:
         self._task: asyncio.Task[None] | None = None
         self._active: dict[str, bool] = {}
         self.passes = 0  # tests wait on it instead of on the clock
+        self._copies_left = True  # until the first pass has counted them
 
     @property
     def root(self) -> Path:
@@ -166,17 +167,32 @@ class Rescuer:
             self.passes += 1
             await asyncio.sleep(PASS_INTERVAL)
 
+    def _in_use(self, config: Config) -> bool:
+        """Whether a pass has anything to do: a domain with rescue on (by config or by hand),
+        copies still to expire, or a domain whose rescue just stopped. A relay that does not
+        use rescue mailboxes costs no query every two seconds, whatever its domain count."""
+        return (
+            self._copies_left
+            or any(self._active.values())
+            or any(settings.rescue for settings in config.domains)
+            or any(control.rescue == "on" for control in self.controls.values())
+        )
+
     async def run_once(self) -> None:
         now = self.clock()
+        config = self.get_config()
+        if not self._in_use(config):
+            return
         await self.store.run(lambda s: s.note_rescued_gone(now))
-        for settings in self.get_config().domains:
+        for settings in config.domains:
             is_active = self.is_active(settings, now)
             self._announce(settings.name, is_active)
             if is_active:
                 await self._copy_waiting(settings)
-            await self._remove_expired(settings, now)
+        await self._remove_expired(config, now)
         counts = await self.store.run(Store.rescue_counts)
-        for settings in self.get_config().domains:
+        self._copies_left = bool(counts)
+        for settings in config.domains:
             if settings.rescue or settings.name in counts or self._active.get(settings.name):
                 metrics.rescue_messages.labels(settings.name).set(counts.get(settings.name, 0))
                 metrics.rescue_active.labels(settings.name).set(int(self._active[settings.name]))
@@ -207,22 +223,28 @@ class Rescuer:
         if copied:
             log.info("%s: %s copied to rescue mailboxes", settings.name, plural(copied, "message"))
 
-    async def _remove_expired(self, settings: DomainConfig, now: float) -> None:
-        before = now - settings.rescue_keep
-        expired = await self.store.run(lambda s: s.rescue_copies_gone_before(settings.name, before))
-        if not expired:
-            return
-        for copy in expired:
-            maildir = maildir_of(self.root, copy.address)
-            if maildir is not None:
-                await asyncio.to_thread(remove_copy, maildir, copy.file)
-        await self.store.run(lambda s: s.forget_rescue_copies(expired))
-        log.info(
-            "%s: %s removed from rescue mailboxes (delivered over %s ago)",
-            settings.name,
-            plural(len(expired), "copy", "copies"),
-            age(settings.rescue_keep),
-        )
+    async def _remove_expired(self, config: Config, now: float) -> None:
+        """Copies whose original left more than their domain's rescue_keep ago: one query for
+        all domains, then the files, then the rows, one log line per domain."""
+        gone = await self.store.run(Store.rescue_copies_gone)
+        expired: dict[str, list[RescueCopy]] = {}
+        for copy, gone_at in gone:
+            keep = (config.domain(copy.domain) or DomainConfig(copy.domain)).rescue_keep
+            if now - gone_at >= keep:
+                expired.setdefault(copy.domain, []).append(copy)
+        for domain, copies in expired.items():
+            for copy in copies:
+                maildir = maildir_of(self.root, copy.address)
+                if maildir is not None:
+                    await asyncio.to_thread(remove_copy, maildir, copy.file)
+            await self.store.run(functools.partial(Store.forget_rescue_copies, copies=copies))
+            keep = (config.domain(domain) or DomainConfig(domain)).rescue_keep
+            log.info(
+                "%s: %s removed from rescue mailboxes (delivered over %s ago)",
+                domain,
+                plural(len(copies), "copy", "copies"),
+                age(keep),
+            )
 
 
 # -- access: Dovecot's passwd-file ----------------------------------------------------------------

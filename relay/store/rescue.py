@@ -37,13 +37,13 @@ class RescueCopies(Connected):
             (now, QUEUED),
         ).rowcount
 
-    def rescue_copies_gone_before(self, domain: str, moment: float) -> list[RescueCopy]:
+    def rescue_copies_gone(self) -> list[tuple[RescueCopy, float]]:
+        """Every copy whose original left the queue, with when it left (oldest first)."""
         rows = self.conn.execute(
-            "SELECT message_id, address, domain, file FROM rescue_copies"
-            " WHERE domain = ? AND gone_at IS NOT NULL AND gone_at <= ?",
-            (domain, moment),
+            "SELECT message_id, address, domain, file, gone_at FROM rescue_copies"
+            " WHERE gone_at IS NOT NULL ORDER BY gone_at"
         ).fetchall()
-        return [RescueCopy(*row) for row in rows]
+        return [(RescueCopy(*row[:4]), row[4]) for row in rows]
 
     def forget_rescue_copies(self, copies: list[RescueCopy]) -> None:
         self._in_transaction()
