@@ -381,6 +381,12 @@ def run_relay(
     )
 
 
+def relay_cli(config: Path, *args: str) -> tuple[int, str, str]:
+    """`relay ARGS… --config CONFIG` as an operator types it: (exit code, stdout, stderr)."""
+    done = run_relay(*args, "--config", str(config), timeout=30)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
 _LISTENING = re.compile(r"listening for SMTP on (\S+):(\d+)")
 
 

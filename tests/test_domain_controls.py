@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ from conftest import (
     HOSTNAME,
     metrics_url,
     open_store,
-    relay_command,
-    relay_env,
+    relay_cli,
     scrape,
     send_mail,
     smtp_address,
@@ -35,17 +33,6 @@ __all__ = ["fake_primary"]
 
 RelayFactory = Callable[..., Awaitable[Relay]]
 Start = Callable[..., Awaitable[FakePrimary]]
-
-
-def cli(config: Path, *args: str) -> tuple[int, str, str]:
-    done = subprocess.run(
-        relay_command(*args, "--config", str(config)),
-        capture_output=True,
-        text=True,
-        env=relay_env(),
-        timeout=30,
-    )
-    return done.returncode, done.stdout, done.stderr
 
 
 def domains(primary: FakePrimary) -> list[dict[str, Any]]:
@@ -78,7 +65,13 @@ async def test_reroute_sends_queued_and_new_mail_elsewhere_until_cleared(
     await eventually(lambda: server.health.is_down(DOMAIN), "the outage noticed")
 
     code, out, err = await asyncio.to_thread(
-        cli, config, "domain", "reroute", DOMAIN, "--to", f"{elsewhere.address}:{elsewhere.port}"
+        relay_cli,
+        config,
+        "domain",
+        "reroute",
+        DOMAIN,
+        "--to",
+        f"{elsewhere.address}:{elsewhere.port}",
     )
     assert code == 0, err
     assert out.strip() == f"{DOMAIN}: mail goes to {elsewhere.address}:{elsewhere.port}"
@@ -92,10 +85,12 @@ async def test_reroute_sends_queued_and_new_mail_elsewhere_until_cleared(
     )
     assert server.health.is_down(DOMAIN)  # the primary's state is its own, still down
     assert await state_series(server) == {"normal": 0.0, "paused": 0.0, "rerouted": 1.0}
-    _, status, _ = await asyncio.to_thread(cli, config, "status")
+    _, status, _ = await asyncio.to_thread(relay_cli, config, "status")
     assert f"rerouted to {elsewhere.address}:{elsewhere.port} since " in status
 
-    code, out, _ = await asyncio.to_thread(cli, config, "domain", "reroute", DOMAIN, "--clear")
+    code, out, _ = await asyncio.to_thread(
+        relay_cli, config, "domain", "reroute", DOMAIN, "--clear"
+    )
     assert (code, out.strip()) == (0, f"{DOMAIN}: mail goes to its primary")
     await eventually(
         lambda: not scheduler.steering.rerouted(DOMAIN), "the reroute cleared", within=2
@@ -115,7 +110,7 @@ async def test_pause_keeps_mail_queued_and_resume_sends_it(
     primary = await fake_primary()
     server = await relay_factory(domain=domains(primary))
     config = write_config(tmp_path, "cli.toml", domain=domains(primary))
-    code, out, _ = await asyncio.to_thread(cli, config, "domain", "pause", DOMAIN)
+    code, out, _ = await asyncio.to_thread(relay_cli, config, "domain", "pause", DOMAIN)
     assert (code, out.strip()) == (0, f"{DOMAIN}: delivery paused")
     scheduler = server.scheduler
     assert scheduler is not None
@@ -130,10 +125,10 @@ async def test_pause_keeps_mail_queued_and_resume_sends_it(
         [recipient] = message.recipients
     assert (message.state, recipient.attempts) == ("queued", 0)  # queued, not held, not tried
     assert (await state_series(server))["paused"] == 1.0
-    _, status, _ = await asyncio.to_thread(cli, config, "status")
+    _, status, _ = await asyncio.to_thread(relay_cli, config, "status")
     assert "delivery paused since " in status
 
-    code, out, _ = await asyncio.to_thread(cli, config, "domain", "resume", DOMAIN)
+    code, out, _ = await asyncio.to_thread(relay_cli, config, "domain", "resume", DOMAIN)
     assert (code, out.strip()) == (0, f"{DOMAIN}: delivery resumed")
     await eventually(lambda: delivered_to(primary) == [f"bob@{DOMAIN}"], "delivery after resume")
 
@@ -147,7 +142,7 @@ async def test_a_pause_survives_a_restart_and_is_logged(
     first = Relay(config_module.load(str(config)))
     await first.start()
     try:
-        code, _, err = await asyncio.to_thread(cli, config, "domain", "pause", DOMAIN)
+        code, _, err = await asyncio.to_thread(relay_cli, config, "domain", "pause", DOMAIN)
         assert code == 0, err
         await eventually(lambda: "ran pause at" in caplog.text, "the audit line")
         assert f"on 1 domain: {DOMAIN}" in caplog.text
@@ -163,7 +158,7 @@ async def test_a_pause_survives_a_restart_and_is_logged(
         passes = scheduler.ticks
         await eventually(lambda: scheduler.ticks >= passes + 2, "two scheduler passes")
         assert primary.transactions == []
-        await asyncio.to_thread(cli, config, "domain", "resume", DOMAIN)
+        await asyncio.to_thread(relay_cli, config, "domain", "resume", DOMAIN)
         await eventually(lambda: delivered_to(primary) == [f"bob@{DOMAIN}"], "delivered")
     finally:
         await second.stop()
@@ -171,15 +166,17 @@ async def test_a_pause_survives_a_restart_and_is_logged(
 
 def test_bad_domain_commands_are_refused_with_a_precise_message(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    code, _, err = cli(config, "domain", "pause", "other.test")
+    code, _, err = relay_cli(config, "domain", "pause", "other.test")
     assert code == 2 and "other.test is not a configured domain" in err
-    code, _, err = cli(config, "domain", "reroute", DOMAIN)
+    code, _, err = relay_cli(config, "domain", "reroute", DOMAIN)
     assert code == 2 and "give either --to HOST[:PORT] or --clear" in err
-    code, _, err = cli(config, "domain", "reroute", DOMAIN, "--to", "x.test:2", "--clear")
+    code, _, err = relay_cli(config, "domain", "reroute", DOMAIN, "--to", "x.test:2", "--clear")
     assert code == 2
-    code, _, err = cli(config, "domain", "reroute", DOMAIN, "--to", f"{HOSTNAME}:25")
+    code, _, err = relay_cli(config, "domain", "reroute", DOMAIN, "--to", f"{HOSTNAME}:25")
     assert code == 2 and "is this relay itself" in err
-    code, _, err = cli(config, "domain", "reroute", DOMAIN, "--to", "x.test:99999")
+    code, _, err = relay_cli(config, "domain", "reroute", DOMAIN, "--to", "x.test:99999")
     assert code == 2 and "bad port" in err
-    code, _, err = cli(config, "domain", "reroute", DOMAIN, "--to", "x.test", "--tls", "maybe")
+    code, _, err = relay_cli(
+        config, "domain", "reroute", DOMAIN, "--to", "x.test", "--tls", "maybe"
+    )
     assert code == 2 and "maybe" in err

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ from conftest import (
     DOMAIN,
     metrics_url,
     open_store,
-    relay_command,
-    relay_env,
+    relay_cli,
     sample,
     scrape,
     send_mail,
@@ -36,17 +34,6 @@ RelayFactory = Callable[..., Awaitable[Relay]]
 Start = Callable[..., Awaitable[FakePrimary]]
 PRIMARY = "127.0.0.5"
 OPEN_DOMAIN = "open.test"
-
-
-def cli(config: Path, *args: str) -> tuple[int, str, str]:
-    done = subprocess.run(
-        relay_command(*args, "--config", str(config)),
-        capture_output=True,
-        text=True,
-        env=relay_env(),
-        timeout=30,
-    )
-    return done.returncode, done.stdout, done.stderr
 
 
 def domains(port: int, **rescue: Any) -> list[dict[str, Any]]:
@@ -121,13 +108,13 @@ async def test_rescue_waits_for_rescue_after_and_can_be_turned_on_and_off_by_han
     await eventually(lambda: server.rescuer.passes >= passes + 2, "two rescue passes")
     assert copies(root, f"bob@{DOMAIN}") == []  # down for less than rescue_after
 
-    code, out, _ = await asyncio.to_thread(cli, config, "rescue", "on", DOMAIN)
+    code, out, _ = await asyncio.to_thread(relay_cli, config, "rescue", "on", DOMAIN)
     assert (code, out.strip()) == (0, f"{DOMAIN}: rescue mailboxes on, by hand")
     await eventually(lambda: copies(root, f"bob@{DOMAIN}"), "the copy after relay rescue on")
-    _, status, _ = await asyncio.to_thread(cli, config, "status")
+    _, status, _ = await asyncio.to_thread(relay_cli, config, "status")
     assert "rescue mailboxes active" in status
 
-    code, out, _ = await asyncio.to_thread(cli, config, "rescue", "off", DOMAIN)
+    code, out, _ = await asyncio.to_thread(relay_cli, config, "rescue", "off", DOMAIN)
     assert (code, out.strip()) == (0, f"{DOMAIN}: rescue mailboxes off, by hand")
     await eventually(lambda: not server.rescuer.is_active(server.config.domains[0], 0), "off")
     await asyncio.to_thread(send_mail, smtp_address(server), [f"bob@{DOMAIN}"])
@@ -138,7 +125,7 @@ async def test_rescue_waits_for_rescue_after_and_can_be_turned_on_and_off_by_han
 
 def test_grant_revoke_and_list_manage_dovecot_s_passwd_file(tmp_path: Path) -> None:
     config = write_config(tmp_path, domain=[{"name": DOMAIN, "primary": ["127.0.0.1:1"]}])
-    code, out, err = cli(config, "rescue", "grant", f"Bob@{DOMAIN}")
+    code, out, err = relay_cli(config, "rescue", "grant", f"Bob@{DOMAIN}")
     assert code == 0, err
     assert out.splitlines()[0] == f"bob@{DOMAIN}: access granted"
     password = out.splitlines()[1].removeprefix("password: ")
@@ -149,10 +136,10 @@ def test_grant_revoke_and_list_manage_dovecot_s_passwd_file(tmp_path: Path) -> N
     assert bcrypt.checkpw(password.encode(), scheme_hash.removeprefix("{BLF-CRYPT}").encode())
     assert oct(os.stat(passwd).st_mode & 0o777) == "0o640"
 
-    code, out, _ = cli(config, "rescue", "grant", f"bob@{DOMAIN}")
+    code, out, _ = relay_cli(config, "rescue", "grant", f"bob@{DOMAIN}")
     assert out.splitlines()[0] == f"bob@{DOMAIN}: password reset"
     assert out.splitlines()[1] != f"password: {password}"
-    code, out, _ = cli(config, "rescue", "list")
+    code, out, _ = relay_cli(config, "rescue", "list")
     assert out.splitlines() == [f"bob@{DOMAIN}  0 messages", "-- 1 person with access"]
     log = tmp_path / "dovecot.log"
     log.write_text(
@@ -160,16 +147,16 @@ def test_grant_revoke_and_list_manage_dovecot_s_passwd_file(tmp_path: Path) -> N
         f"Dec 05 12:09:30 imap-login: Info: Disconnected (auth failed): user=<bob@{DOMAIN}>\n"
         f"Dec  5 13:01:02 mx2 dovecot: imap-login: Login: user=<Bob@{DOMAIN}>, method=PLAIN\n"
     )
-    code, out, _ = cli(config, "rescue", "list", "--dovecot-log", str(log))
+    code, out, _ = relay_cli(config, "rescue", "list", "--dovecot-log", str(log))
     assert out.splitlines()[0] == f"bob@{DOMAIN}  0 messages  last login Dec  5 13:01:02"
 
-    assert cli(config, "rescue", "revoke", f"bob@{DOMAIN}")[:2] == (
+    assert relay_cli(config, "rescue", "revoke", f"bob@{DOMAIN}")[:2] == (
         0,
         f"bob@{DOMAIN}: access revoked\n",
     )
-    code, _, err = cli(config, "rescue", "revoke", f"bob@{DOMAIN}")
+    code, _, err = relay_cli(config, "rescue", "revoke", f"bob@{DOMAIN}")
     assert code == 1 and "has no access" in err
-    code, _, err = cli(config, "rescue", "grant", "bob@elsewhere.test")
+    code, _, err = relay_cli(config, "rescue", "grant", "bob@elsewhere.test")
     assert code == 2 and "not an address of a configured domain" in err
-    code, _, err = cli(config, "rescue", "grant", f"../../etc@{DOMAIN}")
+    code, _, err = relay_cli(config, "rescue", "grant", f"../../etc@{DOMAIN}")
     assert code == 2 and "cannot have a rescue mailbox" in err
