@@ -766,7 +766,7 @@ def test_queue_file_deleted_or_replaced_under_the_server_refuses_new_mail(
 OPERATOR_KILLS = 8
 OPERATOR_ACTIONS = (
     *("scrape", "healthz", "list", "json", "status", "show", "hold", "release", "flush"),
-    *("delete", "bounce", "sighup"),
+    *("delete", "bounce", "sighup", "export", "pause", "resume", "rescue on", "rescue off"),
 )
 
 
@@ -774,8 +774,9 @@ class Operator:
     """An operator at a terminal and a Prometheus, hammering the live queue between kills.
 
     Each step is one of: a scrape, /healthz, `relay queue` (text and JSON), `relay status`,
-    `relay queue show`, `hold`, `release`, `flush`, `delete`, `bounce`, or a SIGHUP reload.
-    Deleted and bounced messages are the operator's doing: they are not expected at the primary.
+    `relay queue show`, `hold`, `release`, `flush`, `delete`, `bounce`, `relay queue export`,
+    `relay domain pause|resume`, `relay rescue on|off`, or a SIGHUP reload. Deleted and bounced
+    messages are the operator's doing: they are not expected at the primary.
     """
 
     def __init__(self, config: Path, server: RelayProcess, queue: Path, rng: random.Random):
@@ -790,7 +791,8 @@ class Operator:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         """`relay status` or `relay queue ARGS…` against this test's config."""
-        command = list(args) if args[:1] == ("status",) else ["queue", *args]
+        own_group = ("status", "domain", "rescue")
+        command = list(args) if args[:1] and args[0] in own_group else ["queue", *args]
         return run_relay(*command, "--config", str(self.config))
 
     def queued_ids(self) -> list[str]:
@@ -816,6 +818,16 @@ class Operator:
         elif action in ("list", "json", "status"):
             done = self.cli(*{"list": (), "json": ("--json",), "status": ("status",)}[action])
             self.check(action, done)
+        elif action == "export":  # read-only: every stored message out, while the server runs
+            mbox = self.queue.parent.parent / "export.mbox"
+            done = self.cli("export", "--all", "--format", "mbox", "-o", str(mbox))
+            if b"no message selected" not in done.stderr:  # everything delivered meanwhile
+                self.check(action, done)
+            mbox.unlink(missing_ok=True)
+        elif action in ("pause", "resume"):
+            self.check(action, self.cli("domain", action, DOMAIN))
+        elif action.startswith("rescue"):
+            self.check(action, self.cli("rescue", action.split()[1], DOMAIN))
         elif target is not None:
             self.act_on(action, target)
 
@@ -885,6 +897,7 @@ def test_sigkill_while_operators_scrape_reload_and_run_every_command_loses_nothi
 
     primary.mode = "normal"
     server.start()
+    assert operator.cli("domain", "resume", DOMAIN).returncode == 0  # a pause is still a pause
     # A hold made by the CLI is obeyed by the running server: held mail stays, the rest goes.
     # Only a hold that lands while that very message is in an SMTP transaction cannot stop it
     # (Postfix's postsuper -h has the same window); at most one of a run's holds may race so.
