@@ -28,14 +28,14 @@ import logging
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from email.header import Header, decode_header, make_header
 from typing import Any
 
 from relay.config import SpamConfig
 from relay.ops import metrics
 from relay.ops.logs import fields
+from relay.smtp.headers import edit, subject_of
 from relay.words import one_line
 
 log = logging.getLogger("relay.rspamd")
@@ -59,9 +59,6 @@ SPAM_SUBJECT = "***SPAM*** "  # rspamd's default when its answer names no subjec
 
 _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 2.2 ftext
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-_LINE = re.compile(rb"[^\n]*\n|[^\n]+")
 
 
 class Replies:
@@ -237,77 +234,6 @@ def parse_answer(body: bytes) -> Answer:
 
 
 # -- the message ---------------------------------------------------------------------------------
-
-
-def _fold(name: str, value: str) -> bytes:
-    """`Name: value` with CRLF line ends; a continuation line starts with white space (RFC 5322
-    2.2.3) whatever rspamd sent, so no value can end the header section or start a field."""
-    lines = [_CONTROL_BUT_TAB.sub("", line) for line in re.split(r"\r\n|\r|\n", value)]
-    lines = [line for line in lines if line.strip()] or [""]
-    folded = [f"{name}: {lines[0].strip()}"]
-    folded += [line if line[:1] in (" ", "\t") else "\t" + line for line in lines[1:]]
-    return "\r\n".join(folded).encode("utf-8") + b"\r\n"
-
-
-def _split(content: bytes) -> tuple[bytes, bytes]:
-    """(the header section, each field's line end included; the blank line and the body)."""
-    if content.startswith((b"\r\n", b"\n")):
-        return b"", content
-    match = _HEADER_END.search(content)
-    if match is None:
-        return content, b""
-    head, rest = content[: match.start() + 1], content[match.start() + 1 :]
-    if head.endswith(b"\r"):  # the CR of the CRLF that ends the last field
-        head, rest = head + b"\n", rest[1:]
-    return head, rest
-
-
-def _encoded_subject(subject: str) -> str:
-    """rspamd returns the Subject decoded; RFC 2047 puts non-ASCII back into an ASCII header."""
-    if subject.isascii():
-        return subject
-    return Header(subject, "utf-8").encode()
-
-
-def edit(
-    content: bytes,
-    add: Sequence[tuple[str, str]],
-    remove: Iterable[str] = (),
-    subject: str | None = None,
-) -> bytes:
-    """The message with the fields named in `remove` (and `add`) taken out of its header section,
-    `add` put on top, and the Subject replaced when `subject` is given. The body is untouched."""
-    head, rest = _split(content)
-    gone = {name.lower() for name in remove} | {name.lower() for name, _ in add}
-    if subject is not None:
-        gone.add("subject")
-    kept: list[bytes] = []
-    dropping = False
-    for line in _LINE.findall(head):
-        if line[:1] in (b" ", b"\t"):  # a continuation goes with its field
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = line.split(b":", 1)[0].strip().decode("latin-1").lower() in gone
-        if not dropping:
-            kept.append(line)
-    new = [_fold(name, value) for name, value in add]
-    if subject is not None:
-        new.append(_fold("Subject", _encoded_subject(subject)))
-    return b"".join(new) + b"".join(kept) + rest
-
-
-def subject_of(content: bytes) -> str:
-    """The message's Subject, unfolded and decoded, for a rewrite without rspamd's own text."""
-    head, _ = _split(content)
-    match = re.search(rb"^subject:(.*(?:\r?\n[ \t].*)*)", head, re.IGNORECASE | re.MULTILINE)
-    if match is None:
-        return ""
-    raw = re.sub(rb"\r?\n(?=[ \t])", b"", match.group(1)).strip().decode("utf-8", "replace")
-    try:
-        return str(make_header(decode_header(raw)))
-    except (ValueError, LookupError):  # a malformed or unknown encoded word: keep it as sent
-        return raw
 
 
 def tagged(content: bytes, answer: Answer) -> bytes:
