@@ -30,6 +30,9 @@ EXPIRY_ACTIONS = ("bounce", "hold")
 UNKNOWN_WHILE_DOWN = ("tempfail", "accept")
 LOG_FORMATS = ("text", "json")
 RSPAMD_FAILURE = ("accept", "tempfail")
+SPF_FAIL = ("tag", "reject")
+DMARC_REJECT = ("honour", "tag")
+BOUNCE_UNAUTHENTICATED = ("hold", "send", "discard")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -197,6 +200,20 @@ class SpamConfig:
     # partial answer rather than our giving up; far below the 10 minutes a client waits.
     rspamd_timeout: float = 10.0
 
+    # SPF, DKIM and DMARC at the end of DATA (relay.smtp.auth), an Authentication-Results header
+    # for the primary, and the results stored for the no-backscatter rule (issue 15).
+    auth: bool = True
+    auth_timeout: float = 10.0  # one deadline for every lookup of one message
+
+
+@dataclass(frozen=True)
+class ArcConfig:
+    """The ARC seal (relay.smtp.arc): our Authentication-Results, signed for the primary."""
+
+    key: str = ""  # PEM RSA private key (relay arc keygen); "" = no seal
+    selector: str = ""  # the key is published at <selector>._domainkey.<domain>
+    domain: str = ""  # the signing domain, d= (the one a primary lists as a trusted sealer)
+
 
 @dataclass(frozen=True)
 class DnsConfig:
@@ -225,6 +242,11 @@ class DomainConfig:
     rescue: bool = False
     rescue_after: float = 30 * 60.0
     rescue_keep: float = 2 * 86400.0
+    # Sender authentication policy (relay.smtp.auth): what a failing sender gets here, and
+    # whether a refused message's DSN may go to a sender nobody authenticated (backscatter).
+    spf_fail: str = "tag"
+    dmarc_reject: str = "honour"
+    bounce_unauthenticated: str = "hold"
 
 
 @dataclass(frozen=True)
@@ -241,6 +263,7 @@ class Config:
     spam: SpamConfig = field(default_factory=SpamConfig)
     rescue: RescueConfig = field(default_factory=RescueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    arc: ArcConfig = field(default_factory=ArcConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Where mail for our own postmaster goes (RCPT TO:<postmaster>, postmaster@ and abuse@ our
     # hostname), with double bounces and copies of operator bounces (RFC 5321 4.5.1).
@@ -542,10 +565,40 @@ def _read_spam(r: _Reader) -> SpamConfig:
         rspamd=r.get("rspamd", d.rspamd, _rspamd_url),
         rspamd_failure=r.get("rspamd_failure", d.rspamd_failure, _choice(RSPAMD_FAILURE)),
         rspamd_timeout=r.get("rspamd_timeout", d.rspamd_timeout, parse_duration),
+        auth=r.get("auth", d.auth, _flag),
+        auth_timeout=r.get("auth_timeout", d.auth_timeout, parse_duration),
     )
-    if spam.rspamd_timeout <= 0:
-        r.problem("rspamd_timeout", "must be greater than 0")
+    for key in ("rspamd_timeout", "auth_timeout"):
+        if getattr(spam, key) <= 0:
+            r.problem(key, "must be greater than 0")
     return spam
+
+
+def _read_arc(r: _Reader, spam: SpamConfig) -> ArcConfig:
+    arc = ArcConfig(
+        key=r.get("key", "", _text),
+        selector=r.get("selector", "", _text),
+        domain=r.get("domain", "", _text),
+    )
+    if not arc.key:
+        return arc
+    from relay.smtp.arc import ArcKeyError, load_key
+
+    try:
+        load_key(arc.key)
+    except ArcKeyError as exc:
+        r.problem("key", str(exc))
+    for name in ("selector", "domain"):
+        value = getattr(arc, name)
+        if not value:
+            r.problem(
+                name, "required with arc.key: the key is published at selector._domainkey.domain"
+            )
+        elif not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", value):
+            r.problem(name, f"{value!r} is not a DNS name")
+    if not spam.auth:
+        r.problem("key", "an ARC seal carries the sender checks' results: needs spam.auth = true")
+    return arc
 
 
 def _read_tls(r: _Reader) -> TlsConfig:
@@ -614,6 +667,11 @@ def _read_domain(r: _Reader) -> DomainConfig | None:
         rescue=r.get("rescue", d.rescue, _flag),
         rescue_after=r.get("rescue_after", d.rescue_after, parse_duration),
         rescue_keep=r.get("rescue_keep", d.rescue_keep, parse_duration),
+        spf_fail=r.get("spf_fail", d.spf_fail, _choice(SPF_FAIL)),
+        dmarc_reject=r.get("dmarc_reject", d.dmarc_reject, _choice(DMARC_REJECT)),
+        bounce_unauthenticated=r.get(
+            "bounce_unauthenticated", d.bounce_unauthenticated, _choice(BOUNCE_UNAUTHENTICATED)
+        ),
     )
     if "name" not in r.table:
         r.problem("name", "missing: every [[domain]] needs a name")
@@ -711,7 +769,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
 
     readers = {name: section(name) for name in ("smtp", "tls", "queue", "delivery", "retry")}
     readers |= {name: section(name) for name in ("metrics", "status", "rescue", "spam")}
-    readers |= {name: section(name) for name in ("dns", "log")}
+    readers |= {name: section(name) for name in ("dns", "log", "arc")}
     smtp = _read_smtp(readers["smtp"])
     tls = _read_tls(readers["tls"])
     queue = _read_queue(readers["queue"])
@@ -728,6 +786,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
     )
     dns = DnsConfig(nameservers=readers["dns"].get("nameservers", (), _nameservers))
     log = LogConfig(format=readers["log"].get("format", "text", _choice(LOG_FORMATS)))
+    arc = _read_arc(readers["arc"], spam)
 
     top.seen.add("domain")
     raw_domains = data.get("domain", [])
@@ -780,6 +839,7 @@ def from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Config:
         spam=spam,
         rescue=rescue,
         dns=dns,
+        arc=arc,
         log=log,
         postmaster=postmaster,
         source=source,

@@ -32,6 +32,8 @@ from relay.envelope import hostport
 from relay.ops import audit, metrics
 from relay.ops.rescue import Rescuer
 from relay.ops.status import render_page, status_report
+from relay.smtp.arc import ArcKeyError, Sealer, load_key
+from relay.smtp.auth import Authenticator
 from relay.smtp.dnsbl import DnsLists
 from relay.smtp.intake import IntakeHandler, RelaySMTP
 from relay.smtp.limits import Limits
@@ -132,6 +134,8 @@ class Relay:
         self.rescuer = Rescuer(
             lambda: self.config, self.store, self.health, self.policy, clock=clock
         )
+        self._sealer: Sealer | None = None
+        self._load_sealer(cfg)
         self.handler = IntakeHandler(
             get_config=lambda: self.config,
             store=self.store,
@@ -140,6 +144,8 @@ class Relay:
             limits=self.limits,
             policy=self.policy,
             dns_lists=DnsLists(lambda: self.health.router or self._router()),
+            authenticator=Authenticator(lambda: self.health.router or self._router()),
+            sealer=lambda: self._sealer,
         )
         self.metrics_server = MetricsServer(
             cfg.queue.path, problems=self._problems, status_page=self._status_page
@@ -162,6 +168,19 @@ class Relay:
         self.scheduler: Scheduler | None = None
         self._delivery_task: asyncio.Task[None] | None = None
         self._operators_task: asyncio.Task[None] | None = None
+
+    def _load_sealer(self, cfg: Config) -> None:
+        """The ARC key is read at start and on SIGHUP; a key that went bad keeps the old one."""
+        arc = cfg.arc
+        if not arc.key:
+            self._sealer = None
+            return
+        try:
+            key = load_key(arc.key)
+        except ArcKeyError as exc:
+            log.error("ARC key not loaded, keeping the old one: %s", exc)
+            return
+        self._sealer = Sealer(key, arc.selector, arc.domain, cfg.hostname)
 
     def _problems(self) -> list[str]:
         serving = bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
@@ -330,6 +349,7 @@ class Relay:
             self.scheduler.router = router
             self.scheduler.forget_routes()
             self.health.router = router
+        self._load_sealer(new)
         try:
             self._tls = tls.server_context(new)
         except (OSError, ssl.SSLError) as exc:

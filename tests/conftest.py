@@ -331,6 +331,23 @@ def send_mail(
         return Reply(code, (f"{code} {text.decode()}",)).queue_id
 
 
+# -- what intake stores -----------------------------------------------------------------------
+
+# Our trace on top of every stored message: the Received header, then (sender checks on, the
+# default) our Authentication-Results; each a first line and its tab-indented continuations.
+# Exact, not "every tab-indented line": a message may itself start with a continuation line.
+_RECEIVED = rb"Received: [^\r\n]*\r\n(?:\t[^\r\n]*\r\n)*?\t[^\r\n]*; [^\r\n]*[+-]\d{4}\r\n"
+_OUR_RESULTS = rb"Authentication-Results: [^\r\n]*;\r\n(?:\t[^\r\n]*;\r\n)*\tarc=[a-z]+\r\n"
+_TRACE = re.compile(rb"\A(" + _RECEIVED + rb")(" + _OUR_RESULTS + rb")?")
+
+
+def split_trace(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """(our Received header, our Authentication-Results or b"", the message as it came)."""
+    match = _TRACE.match(body)
+    assert match, body[:300]
+    return match.group(1), match.group(2) or b"", body[match.end() :]
+
+
 # -- metrics ----------------------------------------------------------------------------------
 
 

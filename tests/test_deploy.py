@@ -78,7 +78,12 @@ _DOCUMENTED = {
     "status": ("listen", "public"),
     "spam": (
         *("dnsbl", "dnsbl_threshold", "dnsbl_action", "dnsbl_timeout", "greet_delay"),
-        *("rspamd", "rspamd_failure", "rspamd_timeout"),
+        *("rspamd", "rspamd_failure", "rspamd_timeout", "auth", "auth_timeout"),
+    ),
+    "arc": (
+        "key",
+        "selector",
+        "domain",
     ),
     "rescue": ("path",),
     "dns": ("nameservers",),
@@ -97,6 +102,9 @@ _DOCUMENTED = {
         "rescue",
         "rescue_after",
         "rescue_keep",
+        "spf_fail",
+        "dmarc_reject",
+        "bounce_unauthenticated",
     ),
 }
 DOCUMENTED_KEYS = {f"{s}.{k}" if s else k for s, keys in _DOCUMENTED.items() for k in keys}

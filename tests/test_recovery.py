@@ -99,7 +99,9 @@ async def test_metrics_follow_accept_defer_deliver_and_bounce(
     relay_factory: StartRelay, fake_primary: StartPrimary
 ) -> None:
     port = unused_port(PRIMARY_ADDRESS)
-    server = await relay_factory(domain=primary_domain(port), delivery={"probe_interval": "0.1s"})
+    # The sender is not authenticated (client.test publishes no SPF): "send" bounces it anyway.
+    domain = primary_domain(port, bounce_unauthenticated="send")
+    server = await relay_factory(domain=domain, delivery={"probe_interval": "0.1s"})
     url = metrics_url(server)
     before = await asyncio.to_thread(scrape, url)
     assert sample(before, "relay_queue_messages", state="queued") == 0
@@ -146,7 +148,8 @@ async def test_metrics_follow_accept_defer_deliver_and_bounce(
     async def dsn_settled() -> bool:
         samples = await asyncio.to_thread(scrape, url)
         bounced = grew(samples, "relay_deliveries_total", domain="client.test", result="bounced")
-        return bounced == 1 and grew(samples, "relay_bounces_suppressed_total") == 1
+        suppressed = grew(samples, "relay_bounces_suppressed_total", domain="client.test")
+        return bounced == 1 and suppressed == 1
 
     await wait_until(dsn_settled, "the DSN to a non-existent domain to fail without a DSN")
 
@@ -381,7 +384,7 @@ async def test_json_logs_carry_fields_and_text_logs_say_delay_and_dsn(
     primary = await fake_primary(
         address=PRIMARY_ADDRESS, replies={f"gone@{DOMAIN}": "550 5.1.1 no such user"}
     )
-    domains = primary_domain(primary.port)
+    domains = primary_domain(primary.port, bounce_unauthenticated="send")  # see above
     json_config = write_config(tmp_path, "json.toml", log={"format": "json"}, domain=domains)
     server = await asyncio.to_thread(relay_process, json_config)
     assert server.address is not None

@@ -17,6 +17,7 @@ import trustme
 
 from relay import config as config_module
 from relay.service import Relay
+from relay.smtp import arc as arc_keys
 from tests.conftest import DOMAIN, config_mapping, toml_text
 from tests.test_deploy import DOCUMENTED_KEYS
 
@@ -62,6 +63,11 @@ CHANGES: dict[str, Any] = {
     "spam.rspamd": "http://127.0.0.1:11333",
     "spam.rspamd_failure": "tempfail",
     "spam.rspamd_timeout": "3s",
+    "spam.auth": False,
+    "spam.auth_timeout": "3s",
+    "arc.key": "ARCKEY",
+    "arc.selector": "s2027",
+    "arc.domain": "relay.example",
     "dns.nameservers": ["127.0.0.1:5353"],
     "log.format": "json",
     "domain.name": "example.org",
@@ -77,6 +83,9 @@ CHANGES: dict[str, Any] = {
     "domain.rescue": True,
     "domain.rescue_after": "1h",
     "domain.rescue_keep": "5d",
+    "domain.spf_fail": "reject",
+    "domain.dmarc_reject": "tag",
+    "domain.bounce_unauthenticated": "send",
     "rescue.path": "RESCUE",
     "spam.dnsbl": ["zen.test*3"],
     "spam.dnsbl_threshold": 5,
@@ -105,12 +114,16 @@ def _changed(data: dict[str, Any], key: str, tmp_path: Path) -> dict[str, Any]:
         "QUEUE2": str(tmp_path / "other" / "queue.db"),
         "RECIPIENTS": str(tmp_path / "recipients.txt"),
         "RESCUE": str(tmp_path / "other" / "rescue"),
+        "ARCKEY": str(tmp_path / "arc.key"),
     }
     value = placeholders.get(value, value) if isinstance(value, str) else value
     if key.startswith("domain."):
         data["domain"] = [{**data["domain"][0], key.split(".", 1)[1]: value}]
     elif key.startswith("tls."):
         data["tls"] = {"cert": placeholders["CERT"], "key": placeholders["KEY"]}
+    elif key.startswith("arc."):  # a seal needs its key, selector and domain together
+        data["arc"] = {"key": placeholders["ARCKEY"], "selector": "s1", "domain": "relay.test"}
+        data["arc"][key.split(".", 1)[1]] = value
     elif key == "status.listen":  # a listener of its own is for a public page only
         data["status"] = {"listen": value, "public": True}
     elif "." in key:
@@ -129,6 +142,7 @@ async def test_a_reload_applies_the_key_or_says_it_needs_a_restart(
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     (tmp_path / "recipients.txt").write_text("bob\n")
+    arc_keys.generate_key(str(tmp_path / "arc.key"))
     (tmp_path / "other").mkdir()
     data = config_mapping(tmp_path, domain=[{"name": DOMAIN, "primary": ["127.0.0.1:1"]}])
     path = tmp_path / "relay.toml"

@@ -30,6 +30,7 @@ from tests.conftest import (
     sample,
     scrape,
     smtp_address,
+    split_trace,
 )
 from tests.fakerspamd import FakeRspamd
 
@@ -76,17 +77,13 @@ def stored(server: Relay) -> list[str]:
 
 
 def stored_message(server: Relay) -> bytes:
-    """The one message in the queue, without our Received header (one line, its tabbed tail)."""
+    """The one message in the queue, without our trace headers (Received, our results)."""
     with open_store(server.config.queue.path) as store:
         rows = store.list_messages()
         assert len(rows) == 1, rows
         body = store.body(rows[0].id)
-    assert body is not None and body.startswith(b"Received: ")
-    lines = body.split(b"\r\n")
-    rest = 1
-    while lines[rest].startswith((b" ", b"\t")):
-        rest += 1
-    return b"\r\n".join(lines[rest:])
+    assert body is not None
+    return split_trace(body)[2]
 
 
 async def metric_values(server: Relay) -> dict[str, float]:

@@ -233,6 +233,16 @@ class Router:
             raise error
         return found
 
+    async def records(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
+        """The `rdtype` records of `name` for the sender checks (relay.smtp.auth): [] when the name
+        does not exist or has none; raises RouteError (kind DNS_TEMPORARY) on DNS failure."""
+        try:
+            return await self._lookup(name, rdtype)
+        except RouteError as exc:
+            if exc.kind == NXDOMAIN:
+                return []
+            raise
+
     async def txt_records(self, name: str) -> list[str]:
         """The TXT records of `name`, each one's strings joined (RFC 7208 3.3 does the same).
 

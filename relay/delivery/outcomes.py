@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from relay.authresults import AuthResults
 from relay.config import Config
 from relay.delivery import dsn
 from relay.envelope import domain_of
@@ -36,6 +37,7 @@ from relay.store import (
 log = logging.getLogger("relay.delivery")
 
 OPERATOR_BOUNCE = "550 5.0.0 Message bounced by the postmaster"
+UNAUTHENTICATED = "unauthenticated bounce"  # the hold reason, in `relay queue` and the log
 # Recipient state → (relay_deliveries_total result label, log status word, as Postfix says it).
 _REPORTED = {
     DELIVERED: ("delivered", "sent"),
@@ -54,6 +56,7 @@ class Plan:
     failed: list[Outcome]
     deferred: list[Outcome]
     warn: bool  # a "delayed" DSN is owed now (retry.warn_after)
+    silent: frozenset[str] = frozenset()  # failed, but their DSN is discarded (backscatter)
 
     @property
     def needs_body(self) -> bool:
@@ -66,12 +69,87 @@ class Plan:
 
 
 def plan(
-    config: Config, message: MessageRow, outcomes: Sequence[Outcome], body: bytes | None, now: float
+    config: Config,
+    message: MessageRow,
+    outcomes: Sequence[Outcome],
+    body: bytes | None,
+    now: float,
+    silent: frozenset[str] = frozenset(),
 ) -> Plan:
-    failed = [o for o in outcomes if o.state == FAILED]
-    deferred = [o for o in outcomes if o.state == QUEUED]
+    failed = [o for o in outcomes if o.state == FAILED and o.address not in silent]
+    deferred = [o for o in outcomes if o.state == QUEUED and o.held is None]
     warn = needs_delay_warning(config, message, deferred, now)
-    return Plan(message, outcomes, body, failed, deferred, warn)
+    return Plan(message, outcomes, body, failed, deferred, warn, silent)
+
+
+def screen_bounces(
+    config: Config, message: MessageRow, outcomes: Sequence[Outcome]
+) -> tuple[list[Outcome], frozenset[str]]:
+    """The primary's refusals (5xx) of a message whose sender intake did not authenticate:
+    a DSN to that sender is likely backscatter (issue 15). Per the recipient domain's
+    `bounce_unauthenticated`: "hold" keeps the recipient for an operator (until queue.lifetime,
+    then queue.on_expiry), "discard" fails it without a DSN, "send" bounces as always.
+
+    Returns the outcomes to record and the addresses whose DSN is discarded. A null sender
+    gets no DSN anyway, so its mail is not screened; nor are operator bounces and expiry,
+    which are decided without the primary.
+    """
+    refused = [o for o in outcomes if o.state == FAILED]
+    if not refused or not message.sender:
+        return list(outcomes), frozenset()
+    results = AuthResults.from_json(message.auth)
+    if results is not None and results.authenticated(message.sender):
+        return list(outcomes), frozenset()
+    screened: list[Outcome] = []
+    silent: set[str] = set()
+    for outcome in outcomes:
+        settings = config.domain(_domain(outcome.address))
+        policy = settings.bounce_unauthenticated if settings is not None else "hold"
+        if outcome.state != FAILED or policy == "send":
+            screened.append(outcome)
+            continue
+        _log_suppressed(message, outcome, policy, results)
+        if policy == "discard":
+            silent.add(outcome.address)
+            screened.append(outcome)
+        else:
+            expires = message.received_at + config.queue.lifetime
+            screened.append(
+                Outcome(
+                    outcome.address,
+                    QUEUED,
+                    outcome.reply,
+                    outcome.host,
+                    expires,
+                    held=UNAUTHENTICATED,
+                )
+            )
+    return screened, frozenset(silent)
+
+
+def _log_suppressed(
+    message: MessageRow, outcome: Outcome, policy: str, results: AuthResults | None
+) -> None:
+    domain = _domain(outcome.address)
+    metrics.bounces_suppressed.labels(domain).inc()
+    found = results.summary() if results is not None else "not checked"
+    what = "held" if policy == "hold" else "discarded"
+    log.warning(
+        "%s: to=<%s> bounce %s: %s: sender <%s> not authenticated (%s)",
+        message.id,
+        outcome.address,
+        what,
+        UNAUTHENTICATED,
+        message.sender,
+        found,
+        extra=fields(
+            queue_id=message.id,
+            event="held" if policy == "hold" else "discarded",
+            from_=message.sender,
+            to=outcome.address,
+            reason=UNAUTHENTICATED,
+        ),
+    )
 
 
 def outcome_for(
@@ -98,11 +176,18 @@ def backoff(attempts: int, minimum: float, maximum: float, rng: random.Random) -
 
 
 def log_outcomes(
-    message: MessageRow, outcomes: Sequence[Outcome], removed: bool, now: float
+    message: MessageRow,
+    outcomes: Sequence[Outcome],
+    removed: bool,
+    now: float,
+    screened: frozenset[str] = frozenset(),
 ) -> None:
-    """One line per recipient, in Postfix's words: delay since arrival, dsn, status."""
+    """One line per recipient, in Postfix's words: delay since arrival, dsn, status. A refusal
+    whose bounce was held or discarded (`screened`) had its line already (screen_bounces)."""
     delay = round(max(0.0, now - message.received_at), 2)
     for outcome in outcomes:
+        if outcome.held is not None or outcome.address in screened:
+            continue
         result, status = _REPORTED[outcome.state]
         metrics.deliveries.labels(_domain(outcome.address), result).inc()
         code = outcome.reply[:3]
@@ -170,7 +255,8 @@ def notices(
             # RFC 5321 4.5.5 / RFC 3464: never a DSN to the null reverse-path. A failed
             # bounce is a double bounce: the postmaster hears of it, once (never of a
             # failed double bounce, which would loop).
-            metrics.bounces_suppressed.inc()
+            for r in reports:
+                metrics.bounces_suppressed.labels(_domain(r.address)).inc()
             log.info("%s: %s, no DSN to the null sender", message.id, action)
             postmaster = config.postmaster
             to_postmaster = any(r.address == postmaster for r in reports)

@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from relay.config import Config
-from relay.delivery.outcomes import OPERATOR_BOUNCE, expiry_reply, log_outcomes, notices, plan
+from relay.delivery.outcomes import (
+    OPERATOR_BOUNCE,
+    expiry_reply,
+    log_outcomes,
+    notices,
+    plan,
+    screen_bounces,
+)
 from relay.ops import metrics
 from relay.ops.logs import fields
 from relay.store import (
@@ -83,7 +90,7 @@ class Recorder:
         bounced = [r for r in message.pending if r.bounce_requested]
         if bounced:
             outcomes = [Outcome(r.address, FAILED, OPERATOR_BOUNCE) for r in bounced]
-            await self.finish(message, outcomes, now)
+            await self.finish(message, outcomes, now, from_primary=False)
             return len(bounced) == len(message.pending)
         if now - message.received_at < self.config.queue.lifetime:
             return False
@@ -97,7 +104,7 @@ class Recorder:
             return True
         outcomes = [Outcome(r.address, FAILED, expiry_reply(r.last_reply)) for r in message.pending]
         log.info("%s: lifetime exceeded, bouncing", message.id)
-        await self.finish(message, outcomes, now)
+        await self.finish(message, outcomes, now, from_primary=False)
         return True
 
     async def defer(
@@ -143,20 +150,29 @@ class Recorder:
         outcomes: Sequence[Outcome],
         now: float,
         body: bytes | None = None,
+        *,
+        from_primary: bool = True,
     ) -> None:
-        await self.finish_many([(message, outcomes, body)], now)
+        await self.finish_many([(message, outcomes, body)], now, from_primary=from_primary)
 
     async def finish_many(
         self,
         batch: Sequence[tuple[MessageRow, Sequence[Outcome], bytes | None]],
         now: float,
+        *,
+        from_primary: bool = True,
     ) -> None:
-        """Records outcomes and any DSN they call for, in one transaction."""
+        """Records outcomes and any DSN they call for, in one transaction. The primary's
+        refusals of mail from unauthenticated senders are screened first (no backscatter);
+        an operator's bounce and expiry (`from_primary` False) are not."""
         if not batch:
             return
-        plans = [
-            plan(self.config, message, outcomes, body, now) for message, outcomes, body in batch
-        ]
+        plans = []
+        for message, outcomes, body in batch:
+            silent: frozenset[str] = frozenset()
+            if from_primary:
+                outcomes, silent = screen_bounces(self.config, message, outcomes)
+            plans.append(plan(self.config, message, outcomes, body, now, silent))
         missing = [p.message.id for p in plans if p.needs_body]
         bodies: dict[str, bytes | None] = {}
         if missing:
@@ -177,7 +193,7 @@ class Recorder:
 
         def after(done: list[bool]) -> None:
             for p, removed in zip(plans, done, strict=True):
-                log_outcomes(p.message, p.outcomes, removed, now)
+                log_outcomes(p.message, p.outcomes, removed, now, p.silent)
             if owed:
                 metrics.bounces.inc(len(owed))
                 self.wake()

@@ -7,8 +7,10 @@ an invalid configuration (click's own convention for usage errors).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -16,9 +18,11 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from relay import config as config_module
+from relay.authresults import AuthResults
 from relay.config import Config, ConfigError, DomainConfig, parse_hostport
 from relay.envelope import domain_of, split
 from relay.ops.status import status_report
+from relay.smtp import arc as arc_keys
 from relay.store import (
     HELD,
     Actor,
@@ -187,6 +191,7 @@ def message_json(row: MessageRow) -> dict[str, Any]:
                 ),
                 "notify": r.notify,
                 "orcpt": r.orcpt,
+                "hold_reason": r.hold_reason,
             }
             for r in row.recipients
         ],
@@ -226,6 +231,7 @@ def _listing(rows: Sequence[ListingRow], now: float) -> str:
         attempts,
         reply,
         due,
+        hold_reason,
     ) in rows:
         if message_id != current:
             if current is not None:
@@ -245,7 +251,9 @@ def _listing(rows: Sequence[ListingRow], now: float) -> str:
             continue
         count += 1
         tried = plural(attempts, "attempt")
-        if r_state == "queued" and not is_held and attempts:
+        if hold_reason:
+            add(f"{indent}{address}  (held: {hold_reason}, {tried})")
+        elif r_state == "queued" and not is_held and attempts:
             seconds = int(due - now)
             wait = ages.get(seconds) or ages.setdefault(seconds, age(seconds))
             add(f"{indent}{address}  ({r_state}, {tried}, next in {wait})")
@@ -315,11 +323,19 @@ def show(ctx: click.Context, message_id: str, body: bool, config_path: str | Non
     ]
     if row.envid or row.ret:
         out.append(f"dsn: envid={row.envid or '-'} ret={row.ret or '-'}")
+    results = AuthResults.from_json(row.auth)
+    out.append(f"auth: {results.summary() if results is not None else 'not checked'}")
     out.append("recipients:")
     for r in row.recipients:
         extra = "".join(f" {k}={v}" for k, v in (("notify", r.notify), ("orcpt", r.orcpt)) if v)
         out.append(f"  <{r.address}> {r.state}, attempts={r.attempts}{extra}")
-        if r.state == "queued":
+        if r.state == "queued" and r.hold_reason:
+            # Such a recipient waits until queue.lifetime: then queue.on_expiry applies.
+            out.append(
+                f"    held: {r.hold_reason} (relay queue bounce, delete or release;"
+                f" queue.on_expiry at {rfc3339(r.next_attempt_at)})"
+            )
+        elif r.state == "queued":
             out.append(f"    next attempt: {rfc3339(r.next_attempt_at)}")
         if r.last_reply:
             out.append(f"    last reply: {r.last_reply}")
@@ -717,6 +733,76 @@ def recipients_forget(addresses: tuple[str, ...], config_path: str | None) -> No
 
 
 # -- relay domain ----------------------------------------------------------------------------
+
+
+@main.group()
+def arc() -> None:
+    """The ARC seal: the key that signs our Authentication-Results for the primary.
+
+    The relay seals every message it accepts (RFC 8617) when [arc] key, selector and domain are
+    set; the primary trusts the seal's domain (docs/deploy.md) and the key published in the DNS.
+    """
+
+
+def _arc_settings(config_path: str | None) -> dict[str, Any]:
+    """[arc] as written in the config file, read without the full validation: before keygen
+    the key it names does not exist yet, which the loader rightly calls an error."""
+    chosen = config_path or config_module.default_path() or DEFAULT_CONFIG
+    try:
+        with open(chosen, "rb") as source:
+            data = tomllib.load(source)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        _fail(f"{chosen}: {exc}", 2)
+    settings = data.get("arc", {})
+    return settings if isinstance(settings, dict) else {}
+
+
+@arc.command("keygen")
+@click.option(
+    "--selector",
+    required=True,
+    help="The DNS selector: the key is published at SELECTOR._domainkey.DOMAIN.",
+)
+@click.option("--key", "key_path", default=None, help="Where to write the key. Default: [arc] key.")
+@click.option(
+    "--domain",
+    "signing_domain",
+    default=None,
+    help="The signing domain (d=). Default: [arc] domain.",
+)
+@click.option("--force", is_flag=True, help="Replace a key that exists (and then its DNS record).")
+@config_option
+def arc_keygen(
+    selector: str,
+    key_path: str | None,
+    signing_domain: str | None,
+    force: bool,
+    config_path: str | None,
+) -> None:
+    """Write a new RSA 2048 key (mode 0600) and print the DNS TXT record that publishes it.
+
+    Publish the record, then set [arc] key, selector and domain and reload. A key that exists
+    is kept unless --force: the record in the DNS belongs to it.
+    """
+    settings = _arc_settings(config_path)
+    path = key_path or str(settings.get("key") or "")
+    domain_name = signing_domain or str(settings.get("domain") or "")
+    if not path:
+        raise click.UsageError("no key path: give --key PATH or set [arc] key in the config")
+    if not domain_name:
+        raise click.UsageError("no signing domain: give --domain or set [arc] domain")
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", selector):
+        raise click.BadParameter(f"{selector!r} is not a DNS label", param_hint="--selector")
+    try:
+        pem = arc_keys.generate_key(path, force=force)
+    except FileExistsError:
+        _fail(f"{path} exists: add --force to replace it (and its DNS record)")
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror or exc}")
+    echo(f"wrote {path} (RSA {arc_keys.KEY_BITS}, mode 0600); publish this record:", err=True)
+    echo(arc_keys.txt_record(selector, domain_name, pem))
 
 
 @main.group()

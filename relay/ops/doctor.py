@@ -42,6 +42,7 @@ from relay.delivery.courier import SessionError, probe
 from relay.delivery.mx import NXDOMAIN, Hop, RouteError, Router, is_local_address
 from relay.envelope import hostport
 from relay.ops import sender_checks
+from relay.smtp import arc as arc_keys
 from relay.store import StorageError, Store
 from relay.store.files import queue_paths, unsafe_queue_files, user_name
 from relay.words import plural
@@ -119,6 +120,7 @@ async def diagnose(
         check_sending(context),
         asyncio.to_thread(check_tls, cfg, clock()),
         asyncio.to_thread(check_queue_files, cfg),
+        check_arc(context),
         *(_check_domain(context, domain) for domain in cfg.domains),
     )
     return [finding for group in groups for finding in group]
@@ -405,6 +407,41 @@ async def _spf_findings(context: _Context, name: str, addresses: list[str]) -> l
             )
         ]
     return [Finding(OK, "spf", name, f"SPF {record!r} permits {_list(addresses)}: our DSNs pass")]
+
+
+async def check_arc(context: _Context) -> list[Finding]:
+    """The ARC key the relay seals with, against the record primaries look it up by."""
+    arc = context.cfg.arc
+    if not arc.key:
+        return []
+    name = f"{arc.selector}._domainkey.{arc.domain}"
+    keygen = f"relay arc keygen --selector {arc.selector} prints the record to publish"
+    try:
+        expected = arc_keys.public_record(arc_keys.load_key(arc.key))
+    except arc_keys.ArcKeyError as exc:
+        return [Finding(PROBLEM, "arc", arc.key, str(exc), keygen)]
+    try:
+        records = await context.router.txt_records(name)
+    except RouteError as exc:
+        return [Finding(PROBLEM, "arc", name, f"key lookup failed: {exc}", _dns_fix())]
+    published = [_dkim_key_of(record) for record in records]
+    published = [key for key in published if key is not None]
+    if not published:
+        message = f"no key record at {name}: no primary can verify our ARC seal"
+        return [Finding(PROBLEM, "arc", name, message, keygen)]
+    if _dkim_key_of(expected) not in published:
+        message = f"the key published at {name} is not the one in {arc.key}: seals fail"
+        return [Finding(PROBLEM, "arc", name, message, keygen + " (for the key in use)")]
+    return [Finding(OK, "arc", name, f"the published key matches {arc.key}: seals verify")]
+
+
+def _dkim_key_of(record: str) -> str | None:
+    """The p= of a DKIM key record, white space removed (RFC 6376 3.6.1); None if it has none."""
+    for part in record.split(";"):
+        tag, _, value = part.strip().partition("=")
+        if tag.strip() == "p":
+            return "".join(value.split()) or None
+    return None
 
 
 def _listens_on_any_port(cfg: Config, address: str) -> bool:

@@ -34,6 +34,12 @@ messages_rejected = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+arc_seals = Counter(
+    "relay_arc_seals",
+    "Messages given our ARC seal (sealed), or stored without it because sealing failed (failed).",
+    ["result"],
+    registry=REGISTRY,
+)
 spam_check_duration = Histogram(
     "relay_spam_check_duration_seconds",
     "Time a spam check took, answered or not: dnsbl (every list of one client, asked at"
@@ -67,7 +73,9 @@ bounces = Counter(
 )
 bounces_suppressed = Counter(
     "relay_bounces_suppressed",
-    "DSNs not sent because the original sender was the null reverse-path (RFC 5321 4.5.5).",
+    "DSNs not sent, by the failed recipient's domain: the sender was the null reverse-path"
+    " (RFC 5321 4.5.5), or intake did not authenticate it (bounce_unauthenticated).",
+    ["domain"],
     registry=REGISTRY,
 )
 queue_write_errors = Counter(

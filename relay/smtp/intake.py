@@ -26,11 +26,14 @@ from typing import Any
 from aiosmtpd.smtp import Envelope, Session, syntax
 
 from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
+from relay.authresults import AuthResults
 from relay.config import Config
 from relay.envelope import address_problem, domain_of, split
 from relay.ops import metrics
 from relay.ops.logs import fields
-from relay.smtp import rspamd
+from relay.smtp import auth, rspamd
+from relay.smtp.arc import Sealer
+from relay.smtp.auth import Authenticator, SpfResult
 from relay.smtp.dnsbl import DnsLists, Site, Verdict, parse_site
 from relay.smtp.limits import Limits, Refusal
 from relay.smtp.policy import RecipientPolicy
@@ -100,6 +103,8 @@ class Replies:
     DNSBL = "550 5.7.1 Service unavailable; client [{client}] blocked using {lists}"
     DNSBL_BANNER = "554 5.7.1 Service unavailable; client [{client}] blocked using {lists}"
     PREGREET = "550 5.5.1 Protocol error: talking before the greeting"
+    SPF_FAIL = "550 5.7.1 <{address}>: SPF: {domain} does not allow [{client}] to send its mail"
+    DMARC_REJECT = "550 5.7.1 DMARC: {domain} asks receivers to reject mail that fails its checks"
     TOO_MANY_JUNK = "421 4.7.0 {host} Error: too many NOOP, RSET, VRFY, EXPN or HELP commands"
     TIMEOUT = "421 4.4.2 {host} Error: timeout exceeded"
 
@@ -140,6 +145,7 @@ class RelayEnvelope(Envelope):
         self.envid: str | None = None
         self.ret: str | None = None
         self.eightbit = False
+        self.spf: SpfResult | None = None  # asked at the first RCPT that needed it (relay.auth)
 
 
 def _params(text: str) -> dict[str, str | None] | None:
@@ -703,6 +709,8 @@ class IntakeHandler:
     limits: Limits | None = None  # connection, rate, memory and disk limits (relay.limits)
     policy: RecipientPolicy | None = None  # recipient validation and `accept` (relay.policy)
     dns_lists: DnsLists | None = None  # DNS list lookups with their cache (relay.dnsbl)
+    authenticator: Authenticator | None = None  # SPF, DKIM and DMARC (relay.smtp.auth)
+    sealer: Callable[[], Sealer | None] = lambda: None  # our ARC seal (relay.smtp.arc), if any
     sessions: set[RelaySession] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     stressed: bool = False  # relay.limits says the connection slots are nearly all taken
@@ -913,11 +921,57 @@ class IntakeHandler:
         if len(envelope.recipients) >= config.smtp.max_recipients:
             metrics.messages_rejected.labels("too_many_recipients").inc()
             return Replies.TOO_MANY_RECIPIENTS
+        if settings.spf_fail == "reject" and (
+            spf_refusal := await self._spf_refusal(session, envelope, recipient.address)
+        ):
+            return spf_refusal
         if self.policy is not None:
             refusal = await self.policy.rcpt(session, settings, recipient.address)
             if refusal is not None:
                 return self._refused(session, f"RCPT to=<{recipient.address}>", refusal)
         return Replies.RCPT_OK
+
+    async def _spf_refusal(
+        self, session: RelaySession, envelope: RelayEnvelope, address: str
+    ) -> str | None:
+        """550 when SPF fails for the sender, for a recipient whose domain says spf_fail =
+        "reject": at RCPT, so a message to several domains is refused only where asked."""
+        spam = self.config.spam
+        if not spam.auth or self.authenticator is None:
+            return None
+        if envelope.spf is None:
+            sender, helo = envelope.mail_from or "", session.host_name or ""
+            envelope.spf = await self.authenticator.spf(
+                session.client_ip, sender, helo, spam.auth_timeout
+            )
+        result, domain, _scope = envelope.spf
+        if result != "fail":
+            return None
+        reply = Replies.SPF_FAIL.format(address=address, domain=domain, client=session.client_ip)
+        return self._refused(session, f"RCPT to=<{address}>", Refusal(reply, "spf"))
+
+    async def _authenticated(
+        self, session: RelaySession, envelope: RelayEnvelope, content: bytes
+    ) -> tuple[AuthResults | None, str | None]:
+        """(the results, or None when the checks are off; a refusal, or None)."""
+        spam = self.config.spam
+        if not spam.auth or self.authenticator is None:
+            return None, None
+        sender, helo = envelope.mail_from or "", session.host_name or ""
+        results = await self.authenticator.check(
+            session.client_ip, sender, helo, content, spam.auth_timeout, envelope.spf
+        )
+        if results.dmarc != "fail" or results.dmarc_policy != "reject":
+            return results, None
+        domains = {r.domain for r in envelope.recipients}
+        settings = [self.config.domain(domain) for domain in domains]
+        # One reply covers every recipient: the sender's domain asked all receivers to refuse
+        # such mail, so a single domain that honours it is enough.
+        if not any(s is not None and s.dmarc_reject == "honour" for s in settings):
+            return results, None
+        reply = Replies.DMARC_REJECT.format(domain=results.from_domain)
+        what = f"DATA from=<{sender}> ({results.from_domain} p=reject)"
+        return results, self._refused(session, what, Refusal(reply, "dmarc"))
 
     async def data(self, session: RelaySession, envelope: RelayEnvelope, content: bytes) -> str:
         config = self.config
@@ -934,6 +988,9 @@ class IntakeHandler:
         now = self.clock()
         queue_id = new_queue_id(now)
         recipients = tuple(envelope.recipients)
+        results, refusal = await self._authenticated(session, envelope, content)
+        if refusal is not None:
+            return refusal
         if config.spam.rspamd:  # content filtering, before anything is stored (relay.rspamd)
             sent = (envelope.mail_from or "", tuple(r.address for r in recipients), queue_id)
             transaction = rspamd.Transaction(session.client_ip, session.host_name or "", *sent)
@@ -941,6 +998,10 @@ class IntakeHandler:
             if checked.reply is not None:
                 return checked.reply
             content = checked.content
+        if results is not None:
+            content = auth.with_header(content, results, config.hostname)
+            if (sealer := self.sealer()) is not None:
+                content = await sealer.seal(content, queue_id)
         header = received_header(
             helo=session.host_name or "",
             client_ip=session.client_ip,
@@ -963,6 +1024,7 @@ class IntakeHandler:
             eightbit=envelope.eightbit,
             envid=envelope.envid,
             ret=envelope.ret,
+            auth=results.to_json() if results is not None else "",
         )
         try:
             await self.store.put(message)

@@ -22,12 +22,13 @@ class Bookkeeping(Connected):
         for outcome in outcomes:
             self.conn.execute(
                 "UPDATE recipients SET state = ?, attempts = attempts + 1, last_reply = ?,"
-                " next_attempt_at = ?, bounce_requested = 0"
+                " next_attempt_at = ?, bounce_requested = 0, hold_reason = ?"
                 " WHERE message_id = ? AND address = ? AND state = ?",
                 (
                     outcome.state,
                     outcome.reply,
                     outcome.next_attempt_at,
+                    outcome.held,
                     message_id,
                     outcome.address,
                     QUEUED,
@@ -54,9 +55,13 @@ class Bookkeeping(Connected):
         self.conn.execute("UPDATE messages SET warned = 1 WHERE id = ?", (message_id,))
 
     def reschedule(self, domain: str | None, when: float) -> int:
-        """Makes every queued recipient (of one domain, or all) due at `when`: recovery, ETRN."""
+        """Makes every queued recipient (of one domain, or all) due at `when`: recovery, ETRN.
+        Not those held for an operator: the primary refused them, and will again."""
         self._in_transaction()
-        sql = "UPDATE recipients SET next_attempt_at = ? WHERE state = ? AND next_attempt_at > ?"
+        sql = (
+            "UPDATE recipients SET next_attempt_at = ?"
+            " WHERE state = ? AND next_attempt_at > ? AND hold_reason IS NULL"
+        )
         params: list[Any] = [when, QUEUED, when]
         if domain is not None:
             sql += " AND domain = ?"

@@ -122,6 +122,10 @@ class Operations(Connected):
         def release_one(message_id: str) -> None:
             self.set_state(message_id, QUEUED)
             self._make_due(message_id)
+            # A recipient held for its bounce is tried again too: the operator said so.
+            self.conn.execute(
+                "UPDATE recipients SET hold_reason = NULL WHERE message_id = ?", (message_id,)
+            )
 
         return self._operate("release", ids, selection, actor, release_one)
 

@@ -62,7 +62,7 @@ class Store(Reads, Bookkeeping, Controls, RescueCopies):
         self._in_transaction()
         self.conn.execute(
             "INSERT INTO messages (id, sender, size, received_at, state, client_ip, helo,"
-            " smtputf8, eightbit, envid, ret, warned) VALUES (?,?,?,?,?,?,?,?,?,?,?,0)",
+            " smtputf8, eightbit, envid, ret, warned, auth) VALUES (?,?,?,?,?,?,?,?,?,?,?,0,?)",
             (
                 message.id,
                 message.sender,
@@ -75,6 +75,7 @@ class Store(Reads, Bookkeeping, Controls, RescueCopies):
                 int(message.eightbit),
                 message.envid,
                 message.ret,
+                message.auth,
             ),
         )
         self.conn.execute(

@@ -23,7 +23,7 @@ class Reads(Connected):
     def _messages(self, where: str, params: Sequence[Any], *, attempts: bool) -> list[MessageRow]:
         rows = self.conn.execute(
             "SELECT id, sender, size, received_at, state, client_ip, helo, smtputf8, eightbit,"
-            f" envid, ret, warned FROM messages {where} ORDER BY received_at, id",
+            f" envid, ret, warned, auth FROM messages {where} ORDER BY received_at, id",
             params,
         ).fetchall()
         if not rows:
@@ -34,7 +34,8 @@ class Reads(Connected):
             marks = ",".join("?" * len(chunk))
             for r in self.conn.execute(
                 "SELECT message_id, address, domain, state, attempts, last_reply, next_attempt_at,"
-                f" notify, orcpt, bounce_requested FROM recipients WHERE message_id IN ({marks})"
+                f" notify, orcpt, bounce_requested, hold_reason FROM recipients"
+                f" WHERE message_id IN ({marks})"
                 " ORDER BY rowid",
                 chunk,
             ):
@@ -49,6 +50,7 @@ class Reads(Connected):
                         notify=r[7],
                         orcpt=r[8],
                         bounce_requested=bool(r[9]),
+                        hold_reason=r[10],
                     )
                 )
         history: dict[str, list[Attempt]] = {i: [] for i in ids}
@@ -77,6 +79,7 @@ class Reads(Connected):
                 warned=bool(row[11]),
                 recipients=tuple(recipients[row[0]]),
                 attempts=tuple(history[row[0]]),
+                auth=row[12],
             )
             for row in rows
         ]
@@ -96,7 +99,7 @@ class Reads(Connected):
         """
         rows: list[ListingRow] = self.conn.execute(
             "SELECT m.id, m.sender, m.size, m.received_at, m.state, r.address, r.state,"
-            " r.attempts, r.last_reply, r.next_attempt_at"
+            " r.attempts, r.last_reply, r.next_attempt_at, r.hold_reason"
             " FROM messages m LEFT JOIN recipients r ON r.message_id = m.id"
             " ORDER BY m.received_at, m.id, r.rowid"
         ).fetchall()

@@ -85,7 +85,7 @@ class AuditEntry:
 # Store.listing's rows: the message's (id, sender, size, received_at, state), then one
 # recipient's (address, state, attempts, last_reply, next_attempt_at), all None for a message
 # without recipients.
-ListingRow = tuple[str, str, int, float, str, Any, Any, Any, Any, Any]
+ListingRow = tuple[str, str, int, float, str, Any, Any, Any, Any, Any, Any]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class NewMessage:
     eightbit: bool = False
     envid: str | None = None
     ret: str | None = None
+    auth: str = ""  # sender authentication results, JSON (relay.authresults); '' = unchecked
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class RecipientRow:
     notify: str | None
     orcpt: str | None
     bounce_requested: bool = False
+    hold_reason: str | None = None  # waits for an operator: "unauthenticated bounce"
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ class MessageRow:
     warned: bool
     recipients: tuple[RecipientRow, ...]
     attempts: tuple[Attempt, ...] = ()
+    auth: str = ""  # as stored at intake (relay.authresults)
 
     @property
     def pending(self) -> tuple[RecipientRow, ...]:
@@ -193,6 +196,7 @@ class Outcome:
     reply: str
     host: str = ""
     next_attempt_at: float = 0.0
+    held: str | None = None  # QUEUED, but for an operator (the hold reason), not for a retry
 
 
 @dataclass(frozen=True)

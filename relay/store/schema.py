@@ -161,6 +161,17 @@ def _v6_rescue(db: sqlite_utils.Database) -> None:
     db.table("rescue_copies").create_index(["domain"], index_name="rescue_copies_domain")
 
 
+@_migration
+def _v7_auth(db: sqlite_utils.Database) -> None:
+    """What sender authentication found at intake (relay.authresults, JSON): a DSN goes only to
+    an authenticated sender. '' for mail accepted before the checks existed, or with them off."""
+    db.execute("ALTER TABLE messages ADD COLUMN auth TEXT NOT NULL DEFAULT ''")
+    # Why a recipient waits for an operator rather than for the primary: "unauthenticated
+    # bounce" (the primary refused it for good, and a DSN to an unauthenticated sender would be
+    # backscatter). NULL for every recipient that waits for a delivery.
+    db.execute("ALTER TABLE recipients ADD COLUMN hold_reason TEXT")
+
+
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

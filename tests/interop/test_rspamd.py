@@ -5,13 +5,15 @@ of our own that starts only its normal worker, on a loopback high port, with a `
 test's directory. No Redis is needed. Modules that would reach the network (fuzzy hashes, DNS
 lists, SPF/DKIM/DMARC lookups, map downloads, update checks) are switched off, and rspamd's
 resolver is the suite's local DNS server (tests/dnsserver.py, NXDOMAIN for every name), so no
-lookup and no connection can leave the machine. Its `milter_headers` module is told to add
-`X-Spamd-Result` to every message, so the clean message shows that rspamd's own headers reach
-the queue. The relay is the real `relay serve`.
+lookup and no connection can leave the machine (its DKIM and ARC modules stay on: the relay's
+ARC seal is verified against a key published on that server). Its `milter_headers` module is
+told to add `X-Spamd-Result` to every message, so the clean message shows that rspamd's own
+headers reach the queue. The relay is the real `relay serve`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import smtplib
@@ -19,10 +21,12 @@ import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import LOCAL_DNS, RelayProcess, wait_for
 
+from relay.smtp import arc as arc_keys
 from tests.interop.mtas import Server, free_port, wait_until, workspace
 from tests.interop.support import (
     DEADLINE,
@@ -50,9 +54,7 @@ NETWORK_MODULES = (
     "rspamd_update",
     "mid",
     "spf",
-    "dkim",
     "dmarc",
-    "arc",
     "asn",
     "hfilter",
     "emails",
@@ -233,3 +235,41 @@ def test_a_clean_message_is_queued_with_rspamds_headers(
     line = task_line(rspamd, queue_id)
     assert "(no action): [" in line and "from: <alice@client.test>," in line, line
     assert "rcpts: <bob@example.test>" in line, line
+
+
+def checked_by_rspamd(rspamd: Rspamd, message: bytes) -> dict[str, Any]:
+    """rspamd's verdict (`POST /checkv2`) on a message as the primary would receive it."""
+    request = urllib.request.Request(
+        f"{rspamd.url}/checkv2",
+        data=message,
+        headers={"IP": "127.0.0.1", "From": "alice@client.test", "Rcpt": "bob@example.test"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=DEADLINE) as answer:
+        verdict: dict[str, Any] = json.loads(answer.read())
+    return verdict
+
+
+def test_rspamds_arc_check_accepts_the_relays_seal(
+    rspamd: Rspamd, tmp_path: Path, relay_process: Callable[[Path], RelayProcess]
+) -> None:
+    """Issue 15: the seal verified by a real ARC verifier, rspamd's, with our key in the DNS."""
+    key = str(tmp_path / "arc.key")
+    pem = arc_keys.generate_key(key)
+    value = arc_keys.public_record(pem)
+    strings = " ".join(f'"{value[i : i + 200]}"' for i in range(0, len(value), 200))
+    LOCAL_DNS.set("interop._domainkey.relay.example.", [("TXT", strings)])
+    port = free_port(RELAY_ADDRESS)
+    arc = {"key": key, "selector": "interop", "domain": "relay.example"}
+    config = relay_config(tmp_path, port, {"example.test": "127.0.0.1:1"}, arc=arc)
+    relay = relay_process(config)
+    assert relay.address is not None
+    queue_id = submit(relay.address, "alice@client.test", ["bob@example.test"], CLEAN)
+    sealed = stored_bodies(config.parent / "queue" / "queue.db", [queue_id])[queue_id]
+    assert b"ARC-Seal: i=1; cv=none;" in sealed
+    symbols = checked_by_rspamd(rspamd, sealed)["symbols"]
+    assert "ARC_ALLOW" in symbols, sorted(symbols)
+    # And a seal whose message was changed on the way is caught by the same check.
+    tampered = sealed.replace(b"the minutes are below", b"the minutes are NOT below")
+    symbols = checked_by_rspamd(rspamd, tampered)["symbols"]
+    assert "ARC_REJECT" in symbols, sorted(symbols)

@@ -1,0 +1,125 @@
+"""The ARC seal (RFC 8617): what the relay found, signed, so the primary can trust it.
+
+Relaying breaks the sender's SPF at the primary (it sees the relay's address) and its own DMARC
+check with it. An ARC set (ARC-Authentication-Results, ARC-Message-Signature, ARC-Seal) signed
+with a key the primary can look up carries our Authentication-Results to it intact: a primary
+that trusts our sealing domain (Microsoft 365's "trusted ARC sealers", Google's ARC support,
+rspamd's or OpenARC's ARC checks) then judges the message by what we saw at the door.
+
+dkimpy signs (its ARC code is maintained with its DKIM code); it reads our Authentication-
+Results (authserv-id = our hostname, relay.smtp.auth) from the message and continues the chain
+the message came with (cv= from our `arc=` result). Sealing is a signature, no DNS: it runs in
+a worker thread, and a seal that fails never costs the message: it is stored unsealed, logged
+and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from relay.ops import metrics
+from relay.ops.logs import fields
+
+log = logging.getLogger("relay.arc")
+_DKIM_LOG = logging.Logger("relay.arc.dkimpy", level=logging.CRITICAL)  # we log what matters
+KEY_BITS = 2048  # RFC 8301: at least 1024, 2048 recommended
+
+
+class ArcKeyError(Exception):
+    """The configured key cannot be used: unreadable, or not an RSA private key."""
+
+
+def load_key(path: str) -> bytes:
+    """The PEM private key at `path`, checked to be RSA: what dkimpy signs with."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ArcKeyError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ArcKeyError(f"{path} is not a PEM private key without a passphrase: {exc}") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ArcKeyError(f"{path} is not an RSA key (ARC signs with rsa-sha256)")
+    return data
+
+
+def public_record(key_pem: bytes) -> str:
+    """The DNS TXT value that publishes the key: `v=DKIM1; k=rsa; p=…` (RFC 6376 3.6.1)."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode('ascii')}"
+
+
+def generate_key(path: str, *, force: bool = False) -> bytes:
+    """A new RSA key written to `path`, mode 0600 from the start; refuses to overwrite one
+    unless `force` (a key in use is published in the DNS: replacing it breaks every seal)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,  # PKCS#1, what dkimpy documents
+        serialization.NoEncryption(),
+    )
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    descriptor = os.open(path, flags, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(pem)
+    os.chmod(path, 0o600)  # also when --force replaced a file that had another mode
+    return pem
+
+
+def txt_record(selector: str, domain: str, key_pem: bytes) -> str:
+    """The zone-file line to publish: the value split in strings of at most 255 octets."""
+    value = public_record(key_pem)
+    strings = " ".join(f'"{value[i : i + 250]}"' for i in range(0, len(value), 250))
+    return f"{selector}._domainkey.{domain}. IN TXT ( {strings} )"
+
+
+@dataclass(frozen=True)
+class Sealer:
+    """Seals with one key, selector and domain (the `[arc]` config), as our authserv-id."""
+
+    key: bytes
+    selector: str
+    domain: str
+    authserv_id: str
+
+    def seal_now(self, content: bytes) -> bytes:
+        """The ARC set's header lines for `content` (which carries our A-R), in a thread."""
+        lines = dkim.arc_sign(
+            content,
+            self.selector.encode("ascii"),
+            self.domain.encode("ascii"),
+            self.key,
+            self.authserv_id.encode("ascii"),
+            # dkimpy's default header list: what RFC 6376 5.4.1 says to sign, present ones only.
+            logger=_DKIM_LOG,
+        )
+        return b"".join(bytes(line) for line in lines)
+
+    async def seal(self, content: bytes, queue_id: str) -> bytes:
+        """`content` with the ARC set on top; unchanged (and logged) when sealing fails."""
+        try:
+            header = await asyncio.to_thread(self.seal_now, content)
+        except Exception as exc:  # dkimpy on a message it cannot parse, or a broken key
+            metrics.arc_seals.labels("failed").inc()
+            log.warning(
+                "%s: not sealed (ARC): %s",
+                queue_id,
+                exc,
+                extra=fields(queue_id=queue_id, event="arc", reason=str(exc)),
+            )
+            return content
+        metrics.arc_seals.labels("sealed").inc()
+        return header + content
