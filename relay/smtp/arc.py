@@ -11,6 +11,13 @@ Results (authserv-id = our hostname, relay.smtp.auth) from the message and conti
 the message came with (cv= from our `arc=` result). Sealing is a signature, no DNS: it runs in
 a worker thread, and a seal that fails never costs the message: it is stored unsealed, logged
 and counted.
+
+dkimpy computes the RSA signature itself, in pure Python: about 17 ms of CPU per seal with the
+GIL held (measured: with a seal on every message the relay accepted 57 messages a second from
+20 senders), and a modular exponentiation whose time depends on the key. That one function is
+replaced here with OpenSSL's, through cryptography: the same RFC 8017 RSASSA-PKCS1-v1_5
+signature of the same digest, in constant time, in well under a millisecond. The tests check
+every seal with dkimpy's own verifier, and rspamd's.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from relay.ops import metrics
 from relay.ops.logs import fields
@@ -32,6 +40,34 @@ from relay.ops.logs import fields
 log = logging.getLogger("relay.arc")
 _DKIM_LOG = logging.Logger("relay.arc.dkimpy", level=logging.CRITICAL)  # we log what matters
 KEY_BITS = 2048  # RFC 8301: at least 1024, 2048 recommended
+
+
+_SIGNING_KEYS: dict[int, rsa.RSAPrivateKey] = {}  # by modulus: one or two keys in a process
+_DIGESTS: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
+
+
+def _openssl_sign(digest: Any, private_key: dict[str, int]) -> bytes:
+    """dkimpy's `RSASSA_PKCS1_v1_5_sign(hash, private_key)`, by OpenSSL: `digest` is the
+    finished hash object, `private_key` the numbers dkimpy parsed from the PEM."""
+    key = _SIGNING_KEYS.get(private_key["modulus"])
+    if key is None:
+        public = rsa.RSAPublicNumbers(private_key["publicExponent"], private_key["modulus"])
+        key = rsa.RSAPrivateNumbers(
+            p=private_key["prime1"],
+            q=private_key["prime2"],
+            d=private_key["privateExponent"],
+            dmp1=private_key["exponent1"],
+            dmq1=private_key["exponent2"],
+            iqmp=private_key["coefficient"],
+            public_numbers=public,
+        ).private_key()
+        _SIGNING_KEYS[private_key["modulus"]] = key
+    algorithm = _DIGESTS[digest.name.lower()]
+    return key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
+
+
+# dkim.DomainSigner.gen_header looks this name up in dkimpy's module at each signature.
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_sign
 
 
 class ArcKeyError(Exception):
