@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # The private Postfix harness is the interop suite's (tests/postfix.py); bench/ runs as a
 # script, so the repository root goes on the import path first.
@@ -219,6 +220,7 @@ def smtp_source(
     size: int,
     sessions: int = 20,
     timeout: float = 600.0,
+    sender: str = "sender@bench.test",
 ) -> SendResult:
     """Sends `messages` of `size` payload bytes over `sessions` parallel sessions, one message
     per session as a backup MX sees it. smtp-source exits non-zero on any reply other than the
@@ -232,7 +234,7 @@ def smtp_source(
         "-l",
         str(size),
         "-f",
-        "sender@bench.test",
+        sender,
         "-t",
         "bob@example.test",
         f"{LOOPBACK}:{port}",
@@ -369,6 +371,9 @@ class RelaySettings:
     primary_port: int
     delivery: dict[str, str | int] = field(default_factory=dict)
     retry: dict[str, str | int] = field(default_factory=dict)
+    # Whole sections more (spam, arc, dns: the sender-checks benchmark); "dns" replaces the
+    # closed port below with a local name server.
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Relay:
@@ -406,11 +411,11 @@ class Relay:
             "",
             "[metrics]",
             f'listen = "{LOOPBACK}:{self.metrics_port}"',
-            "",
-            "[dns]",
-            f'nameservers = ["{LOOPBACK}:{free_port()}"]',
         ]
-        for section, values in (("delivery", settings.delivery), ("retry", settings.retry)):
+        if "dns" not in settings.sections:
+            lines += ["", "[dns]", f'nameservers = ["{LOOPBACK}:{free_port()}"]']
+        extra = [("delivery", settings.delivery), ("retry", settings.retry)]
+        for section, values in [*extra, *settings.sections.items()]:
             if values:
                 lines += ["", f"[{section}]"]
                 lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
@@ -515,8 +520,15 @@ class Relay:
             return int(row[0])
 
 
-def _toml(value: str | int) -> str:
-    return str(value) if isinstance(value, int) else f'"{value}"'
+def _toml(value: Any) -> str:
+    """A TOML value: booleans, numbers, strings and lists of strings are all a config needs."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return f'"{value}"'
 
 
 # -- Postfix ----------------------------------------------------------------------------------
@@ -538,7 +550,13 @@ class Postfix:
         primary_port: int,
         name: str,
         extra: dict[str, str] | None = None,
+        *,
+        services: str | None = None,
+        resolv_conf: Path | None = None,
     ) -> None:
+        """`services` replaces the smtpd line of master.cf (postscreen); with `resolv_conf`, the
+        instance runs in a mount namespace of its own that sees that file as /etc/resolv.conf,
+        so its DNS lookups go to a local server while the machine's resolver is untouched."""
         if os.geteuid() != 0:
             raise BenchError("a private Postfix instance needs root (its daemons run as postfix)")
         self.reaper = reaper
@@ -551,7 +569,9 @@ class Postfix:
         self.maillog = self.control.maillog
         self.port = free_port()
         self.settings = self._main_cf(primary_port) | (extra or {})
-        self.control.write(self.settings, SERVICES + smtpd_service(LOOPBACK, self.port))
+        listener = services if services is not None else smtpd_service(LOOPBACK, self.port)
+        self.control.write(self.settings, SERVICES + listener.replace("PORT", str(self.port)))
+        self.resolv_conf = resolv_conf
         self.running = False
 
     def _main_cf(self, primary_port: int) -> dict[str, str]:
@@ -575,9 +595,24 @@ class Postfix:
 
     def start(self) -> None:
         self.reaper.add(self.name, self.stop)
-        self._postfix("start")
+        if self.resolv_conf is None:
+            self._postfix("start")
+        else:
+            self._start_with_own_resolver(self.resolv_conf)
         self.running = True
         wait_for(f"{self.name} smtpd on port {self.port}", lambda: smtp_ready(self.port), 30)
+
+    def _start_with_own_resolver(self, resolv_conf: Path) -> None:
+        script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        argv = [
+            *("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script),
+            *(str(resolv_conf), tool("postfix"), "-c", str(self.control.config_dir), "start"),
+        ]
+        self.reaper.note(argv)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            output = (done.stderr + done.stdout).strip()
+            raise BenchError(f"postfix start (own resolver) failed: {output}\n{self.log_tail()}")
 
     def stop(self) -> None:
         if not self.running:

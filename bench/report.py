@@ -23,12 +23,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 DOC = ROOT / "docs" / "performance.md"
-ORDER = ("accept", "drain", "recovery", "footprint")
+ORDER = ("accept", "drain", "recovery", "footprint", "auth")
 TITLES = {
     "accept": "1. Accept throughput, primary down",
     "drain": "2. Drain throughput once the primary returns",
     "recovery": "3. Recovery latency after an outage",
     "footprint": "4. Footprint with a large queue",
+    "auth": "5. Accept throughput with the checks at the door",
 }
 
 

@@ -54,6 +54,7 @@ class DnsServer:
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self.port = 0
+        self.host = "127.0.0.1"
         for name, rrs in (records or {}).items():
             self.set(name, rrs)
 
@@ -92,12 +93,15 @@ class DnsServer:
     @property
     def address(self) -> str:
         """ "127.0.0.1:PORT", the form `dns.nameservers` takes."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> DnsServer:
-        udp, tcp = _bind_pair()
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> DnsServer:
+        """On a free port of 127.0.0.1, or where asked (the benchmark's Postfix, whose resolver
+        knows only port 53, is given 127.0.0.53:53)."""
+        self.host = host
+        udp, tcp = _bind_pair(host, port)
         self.port = udp.server_address[1]
         for server in (udp, tcp):
             server.dns = self
@@ -233,12 +237,12 @@ class _TcpServer(socketserver.ThreadingTCPServer):
     dns: DnsServer
 
 
-def _bind_pair() -> tuple[_UdpServer, _TcpServer]:
+def _bind_pair(host: str = "127.0.0.1", port: int = 0) -> tuple[_UdpServer, _TcpServer]:
     """A UDP and a TCP server on the same free port (the resolver falls back to TCP on TC)."""
     for _ in range(20):
-        udp = _UdpServer(("127.0.0.1", 0), _UdpHandler)
+        udp = _UdpServer((host, port), _UdpHandler)
         try:
-            tcp = _TcpServer(("127.0.0.1", udp.server_address[1]), _TcpHandler)
+            tcp = _TcpServer((host, udp.server_address[1]), _TcpHandler)
         except OSError:
             udp.server_close()  # the TCP port was taken: try another
             continue
