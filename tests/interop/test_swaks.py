@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import RelayProcess, dot_stuff, open_store, wait_for
+from conftest import RelayProcess, dot_stuff, open_store, split_trace, wait_for
 
 from tests.interop.mtas import SmtpSink, free_port, running
 from tests.interop.support import RELAY_ADDRESS, relay_config, stored_bodies, wait_queue_empty
@@ -153,10 +153,12 @@ def test_swaks_message_over_verified_starttls_with_pipelining_and_dsn_is_kept_ex
         "rfc822;<bob@example.test>",
     )
     body = stored_bodies(setup.queue, [queue_id])[queue_id]
-    header, _, rest = body.partition(b"\r\n\tfor <bob@example.test>; ")
-    assert b"with ESMTPS id " + queue_id.encode() in header
-    assert b"(using TLSv1." in header
-    assert rest.split(b"\r\n", 1)[1] == CONTENT  # after our header: what swaks sent, unstuffed
+    trace, results, rest = split_trace(body)
+    assert b"with ESMTPS id " + queue_id.encode() in trace
+    assert b"(using TLSv1." in trace
+    assert b"\r\n\tfor <bob@example.test>; " in trace
+    assert results.startswith(b"Authentication-Results: ")  # the sender checks ran (issue 15)
+    assert rest == CONTENT  # after our trace headers: what swaks sent, unstuffed
 
     with running(setup.primary):
         wait_queue_empty(setup.queue, "delivery to the primary")
