@@ -71,6 +71,8 @@ class FakePrimary:
     # -- records -----------------------------------------------------------------------------
     transactions: list[Transaction] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    # For each command: whether the client had already sent more when it was read (pipelining).
+    sent_ahead: list[bool] = field(default_factory=list)
     errors: list[Exception] = field(default_factory=list)  # exceptions in the server's handling
     connections: int = 0
     port: int = 0
@@ -206,6 +208,7 @@ class _FakeSMTP(SMTP):
     ) -> Callable[[str | None], Awaitable[None]]:
         async def run(arg: str | None) -> None:
             self.fake.commands.append(f"{verb} {arg}" if arg else verb)
+            self.fake.sent_ahead.append(bool(self._reader._buffer))  # type: ignore[attr-defined]
             if self.fake.stall == verb:
                 await _forever()
             await method(arg)

@@ -211,8 +211,64 @@ async def test_a_refused_final_dot_ends_the_transaction_too(fake_primary: Start)
     assert verbs(fake) == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT"]
 
 
-async def test_no_accepted_recipient_means_no_data_and_an_rset(fake_primary: Start) -> None:
-    fake = await fake_primary(replies={"nobody@example.org": "550 5.1.1 User unknown"})
+async def test_with_pipelining_mail_every_rcpt_and_data_go_in_one_flight(
+    fake_primary: Start,
+) -> None:
+    fake = await fake_primary(replies={"carol@example.org": "550 5.1.1 User unknown"})
+    session = await OutboundSession.open(fake.hop(), helo=HELO)
+    replies = await session.send(
+        message("bob@example.org", "carol@example.org", "dave@example.org")
+    )
+    await session.close()
+
+    # Each reply is its own recipient's: carol's refusal, the others the dot's 250.
+    assert replies["carol@example.org"] == Reply(550, "5.1.1 User unknown")
+    assert replies["bob@example.org"].code == replies["dave@example.org"].code == 250
+    assert [r for r, _ in fake.delivered[0].rcpts] == [
+        "bob@example.org",
+        "carol@example.org",
+        "dave@example.org",
+    ]
+    flight = [
+        (command.split()[0], ahead)
+        for command, ahead in zip(fake.commands, fake.sent_ahead, strict=True)
+        if command.split()[0] in ("MAIL", "RCPT", "DATA")
+    ]
+    # When the server read MAIL and each RCPT, the rest of the flight had already arrived.
+    assert flight == [
+        ("MAIL", True),
+        ("RCPT", True),
+        ("RCPT", True),
+        ("RCPT", True),
+        ("DATA", False),
+    ]
+
+
+async def test_without_pipelining_each_command_waits_for_its_reply(fake_primary: Start) -> None:
+    fake = await fake_primary(pipelining=False)
+    await deliver(fake, message("bob@example.org", "carol@example.org"))
+    assert not any(fake.sent_ahead)
+
+
+async def test_a_server_silent_mid_flight_leaves_every_recipient_undecided(
+    fake_primary: Start,
+) -> None:
+    fake = await fake_primary(stall="RCPT")  # answers MAIL, never the RCPTs
+    session = await OutboundSession.open(fake.hop(), helo=HELO, timeout=1.0)
+    with pytest.raises(SessionError) as raised:
+        await session.send(message("bob@example.org", "carol@example.org"))
+    await session.close()
+    assert raised.value.reply.code == 421  # temporary: both are tried again, nothing was sent
+    assert not fake.delivered
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_no_accepted_recipient_means_no_body_and_an_rset(
+    fake_primary: Start, pipelining: bool
+) -> None:
+    fake = await fake_primary(
+        replies={"nobody@example.org": "550 5.1.1 User unknown"}, pipelining=pipelining
+    )
 
     session = await OutboundSession.open(fake.hop(), helo=HELO)
     replies = await session.send(message("nobody@example.org"))
@@ -221,17 +277,23 @@ async def test_no_accepted_recipient_means_no_data_and_an_rset(fake_primary: Sta
 
     assert replies == {"nobody@example.org": Reply(550, "5.1.1 User unknown")}
     assert again["bob@example.org"].code == 250
-    assert verbs(fake) == ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert len(fake.delivered) == 1  # Q2 only: the refused flight's DATA carried no body
+    if pipelining:  # DATA travels in the flight; the server refuses it (RFC 2920 3.1)
+        first = ["EHLO", "MAIL", "RCPT", "DATA", "RSET"]
+    else:
+        first = ["EHLO", "MAIL", "RCPT", "RSET"]
+    assert verbs(fake) == [*first, "MAIL", "RCPT", "DATA", "QUIT"]
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
 @pytest.mark.parametrize(
     ("mail_reply", "permanent"),
     [("451 4.3.0 try again later", False), ("553 5.7.1 sender rejected", True)],
 )
 async def test_mail_from_rejection_is_every_recipients_reply(
-    fake_primary: Start, mail_reply: str, permanent: bool
+    fake_primary: Start, mail_reply: str, permanent: bool, pipelining: bool
 ) -> None:
-    fake = await fake_primary(mail_reply=mail_reply)
+    fake = await fake_primary(mail_reply=mail_reply, pipelining=pipelining)
 
     replies = await deliver(fake, message("bob@example.org", "carol@example.org"))
 
@@ -241,7 +303,9 @@ async def test_mail_from_rejection_is_every_recipients_reply(
         "carol@example.org": Reply(int(code), text),
     }
     assert all(reply.permanent is permanent for reply in replies.values())
-    assert "RCPT" not in verbs(fake) and "DATA" not in verbs(fake)
+    assert not fake.delivered
+    if not pipelining:  # in a flight the RCPTs and DATA were sent with MAIL, and refused
+        assert "RCPT" not in verbs(fake) and "DATA" not in verbs(fake)
 
 
 # -- limits and extensions -------------------------------------------------------------------
@@ -553,8 +617,11 @@ async def test_server_that_stalls_mid_transaction_times_out(
     assert not raised.value.permanent
 
 
-async def test_421_to_rcpt_breaks_the_session(fake_primary: Start) -> None:
-    fake = await fake_primary(replies={"carol@example.org": "421 4.7.0 too many errors, bye"})
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_421_to_rcpt_breaks_the_session(fake_primary: Start, pipelining: bool) -> None:
+    fake = await fake_primary(
+        replies={"carol@example.org": "421 4.7.0 too many errors, bye"}, pipelining=pipelining
+    )
     session = await OutboundSession.open(fake.hop(), helo=HELO)
 
     with pytest.raises(SessionError) as raised:
@@ -562,7 +629,9 @@ async def test_421_to_rcpt_breaks_the_session(fake_primary: Start) -> None:
     await session.close()
 
     assert raised.value.reply == Reply(421, "4.7.0 too many errors, bye")
-    assert "DATA" not in verbs(fake)
+    assert not fake.delivered  # no body after a 421, pipelined or not
+    if not pipelining:
+        assert "DATA" not in verbs(fake)
 
 
 async def test_garbage_reply_is_a_temporary_session_error(fake_primary: Start) -> None:

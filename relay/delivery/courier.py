@@ -247,6 +247,8 @@ class OutboundSession:
         if self._reset_pending:
             await self._rset()
         self._reset_pending = True
+        if "pipelining" in self._extensions:
+            return await self._pipelined(message, utf8)
         encoding = "utf-8" if utf8 else "ascii"
         sender = b"FROM:<" + message.sender.encode(encoding) + b">"
         mail = await self._command("after MAIL FROM", b"MAIL", sender, *self._mail_params(message))
@@ -274,6 +276,68 @@ class OutboundSession:
         for address in accepted:
             replies[address] = final
         return replies
+
+    async def _pipelined(self, message: Outgoing, utf8: bool) -> dict[str, Reply]:
+        """MAIL, every RCPT and DATA in one flight (RFC 2920), then the replies in order: two
+        round trips a message (this flight and the body) instead of one per command.
+
+        Each RCPT reply is its recipient's, as without pipelining. A refused MAIL is every
+        recipient's reply (the server then refuses the RCPTs and DATA too: 503). DATA's reply
+        counts only when a recipient was accepted; with none, DATA is refused (RFC 2920 3.1)
+        and is nobody's reply. A lost connection before the final dot leaves every recipient
+        undecided (SessionError): nothing was delivered, so trying all again repeats nothing.
+        """
+        encoding = "utf-8" if utf8 else "ascii"
+        sender = b"FROM:<" + message.sender.encode(encoding) + b">"
+        local = {rcpt.address: _recipient_problem(rcpt, utf8) for rcpt in message.recipients}
+        sent = [rcpt for rcpt in message.recipients if local[rcpt.address] is None]
+        commands = [b" ".join([b"MAIL", sender, *self._mail_params(message)])]
+        for rcpt in sent:
+            to = b"TO:<" + rcpt.address.encode(encoding) + b">"
+            commands.append(b" ".join([b"RCPT", to, *self._rcpt_params(rcpt, encoding)]))
+        commands.append(b"DATA")
+        protocol = self._smtp.protocol
+        if protocol is None:
+            raise SessionError(Reply(421, f"4.4.2 connection to {self._where} lost"))
+        with _translated("after MAIL FROM", self._where):
+            answers = await smtplib_adapter.pipeline(protocol, commands, self._timeout)
+        stages = ["after MAIL FROM"] + ["after RCPT TO"] * len(sent)
+        mail, *rcpt_replies = (
+            self._checked(Reply(code, text), stage, 2)
+            for (code, text), stage in zip(answers, stages, strict=False)
+        )
+        go_ahead = Reply(*answers[-1])
+        if not _positive(mail):
+            await self._end_refused_flight(go_ahead)
+            return {rcpt.address: mail for rcpt in message.recipients}
+        replies: dict[str, Reply] = {}
+        accepted: list[str] = []
+        by_address = {rcpt.address: reply for rcpt, reply in zip(sent, rcpt_replies, strict=True)}
+        for rcpt in message.recipients:
+            reply = local[rcpt.address] or by_address[rcpt.address]
+            replies[rcpt.address] = reply
+            if _positive(reply):
+                accepted.append(rcpt.address)
+        if not accepted:
+            await self._end_refused_flight(go_ahead)
+            return replies
+        final = await self._body(message.body, self._checked(go_ahead, "after DATA", 3))
+        for address in accepted:
+            replies[address] = final
+        return replies
+
+    async def _end_refused_flight(self, go_ahead: Reply) -> None:
+        """A flight whose DATA reached a server with no recipient accepted: RFC 2920 3.1 has it
+        refuse DATA; one that said 354 anyway gets an empty message, never ours."""
+        if go_ahead.code == 354:
+            protocol = self._smtp.protocol
+            if protocol is None:
+                raise SessionError(Reply(421, f"4.4.2 connection to {self._where} lost"))
+            with _translated("after an empty DATA", self._where):
+                smtplib_adapter.expect_reply(protocol)
+                protocol.write(b".\r\n")
+                await protocol.read_response(timeout=self._timeout)
+        await self._abort()
 
     def _limits_problem(self, message: Outgoing, utf8: bool) -> Reply | None:
         limit = self.max_size
@@ -319,7 +383,10 @@ class OutboundSession:
         return [param.encode(encoding) for param in params]
 
     async def _data(self, body: bytes) -> Reply:
-        go_ahead = await self._command("after DATA", b"DATA", expect=3)
+        return await self._body(body, await self._command("after DATA", b"DATA", expect=3))
+
+    async def _body(self, body: bytes, go_ahead: Reply) -> Reply:
+        """The message after DATA's reply: sent on 354; any other reply is the message's."""
         if go_ahead.code != 354:
             return go_ahead
         protocol = self._smtp.protocol
