@@ -33,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.postfix import SERVICES, PostfixControl, base_settings, smtpd_service
 
 LOOPBACK = "127.0.0.1"
+# "host:port" of the run's name server (tests/dnsserver.py, no records): the sender checks
+# and the DNS lists of every relay in the run ask it. A closed port instead would make each
+# message wait out spam.auth_timeout.
+NAMESERVER = ""
 SBIN = Path("/usr/sbin")
 ALLOW_ROOT = "RELAY_ALLOW_ROOT"
 SINK_USER = "nobody"  # smtp-sink refuses to run as root without dropping privileges
@@ -172,6 +176,23 @@ def descendants(root: int) -> list[int]:
         found.append(pid)
         todo += children.get(pid, [])
     return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by `root` and everything below it: each live
+    process's own time, plus what the ones that already exited left in their parents'
+    cumulative fields (Postfix's smtpd and cleanup come and go; their time is not lost)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile: its time is in its parent's cumulative fields now
+        # utime, stime, cutime, cstime: fields 14-17 of stat(5), 12-15 after the name.
+        total += sum(int(value) for value in fields[11:15])
+    return total / ticks
 
 
 def cpu_busy_fraction(window: float = 0.5) -> float:
@@ -381,7 +402,9 @@ class Relay:
 
     * smtp.rate_per_ip = 0 and max_connections_per_ip raised: every benchmark client is
       127.0.0.1, which the per-IP limits exist to throttle;
-    * dns.nameservers points at a closed loopback port, so no lookup can leave the machine.
+    * dns.nameservers points at the run's own name server on loopback (`NAMESERVER`, which
+      answers "no such name" to everything), so no lookup leaves the machine and each is
+      answered at once, as a caching resolver next to the relay would answer.
     """
 
     def __init__(self, reaper: Reaper, workdir: Path, settings: RelaySettings, name: str) -> None:
@@ -413,7 +436,9 @@ class Relay:
             f'listen = "{LOOPBACK}:{self.metrics_port}"',
         ]
         if "dns" not in settings.sections:
-            lines += ["", "[dns]", f'nameservers = ["{LOOPBACK}:{free_port()}"]']
+            if not NAMESERVER:
+                raise BenchError("no name server for the relay: start one (run.py does)")
+            lines += ["", "[dns]", f'nameservers = ["{NAMESERVER}"]']
         extra = [("delivery", settings.delivery), ("retry", settings.retry)]
         for section, values in [*extra, *settings.sections.items()]:
             if values:

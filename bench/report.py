@@ -64,13 +64,19 @@ class Section:
     machine: dict[str, str] = field(default_factory=dict)
 
 
+NOISY = 0.20  # a spread (max - min over the median) above this marks the result noisy
+
+
 def median_spread(values: list[float]) -> tuple[float, str]:
-    """The median of the trials and their range, e.g. (861.0, "3 trials: 842–870")."""
+    """The median of the trials and their range, e.g. (861.0, "3 trials: 842–870, 3 %");
+    "noisy" when the trials disagree by more than NOISY: a ratio from them is not a finding."""
     middle = statistics.median(values)
     if len(values) == 1:
         return middle, "1 trial"
     low, high = min(values), max(values)
-    return middle, f"{len(values)} trials: {_number(low)}–{_number(high)}"
+    spread = (high - low) / middle if middle else 0.0
+    text = f"{len(values)} trials: {_number(low)}–{_number(high)}, spread {spread:.0%}"
+    return middle, text + (" — noisy" if spread > NOISY else "")
 
 
 # -- the machine ------------------------------------------------------------------------------
