@@ -473,3 +473,16 @@ def test_stored_results_round_trip_and_garbage_is_not_checked() -> None:
     assert AuthResults.from_json("") is None
     assert AuthResults.from_json("{not json") is None
     assert AuthResults.from_json('{"spf": "pass"}') is None
+
+
+async def test_a_flood_from_one_sender_asks_the_dns_once_per_record(
+    relay_factory: RelayFactory, dns_server: DnsServer
+) -> None:
+    """Answers are kept for their TTL, as a resolver's cache would keep them."""
+    spf(dns_server, SENDER_DOMAIN, "v=spf1 ip4:127.0.0.0/24 -all")
+    server = await start(relay_factory, dns_server)
+    for _ in range(5):
+        assert (await send(server))[-1].startswith("250 ")
+    asked = [q for q in dns_server.queries if SENDER_DOMAIN in q[0]]
+    assert sorted(asked) == [(f"_dmarc.{SENDER_DOMAIN}.", "TXT"), (f"{SENDER_DOMAIN}.", "TXT")]
+    assert all(r is not None and r.spf == "pass" for _, _, r in stored(server))

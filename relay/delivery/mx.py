@@ -47,6 +47,7 @@ NO_ADDRESS = "no_address"
 KINDS = (NXDOMAIN, NULL_MX, DNS_TEMPORARY, NO_PREFERRED_MX, NO_ADDRESS)
 _PERMANENT_KINDS = (NXDOMAIN, NULL_MX)
 
+CACHED_ANSWERS = 20_000  # the sender checks' cache: a few MB at most
 MAX_TRY_TIMEOUT = 2.0  # seconds per name server try; `timeout` bounds the whole lookup
 
 
@@ -104,6 +105,7 @@ class Router:
         for address, _ in self._nameservers:
             _ip(address)  # fail at start, not at the first delivery
         self._resolver: dns.asyncresolver.Resolver | None = None
+        self._caching: dns.asyncresolver.Resolver | None = None
 
     async def hops(self, domain: str, primary: Sequence[str] = ()) -> list[Hop]:
         """Where to connect for `domain`, best first: every address of every usable host.
@@ -235,9 +237,15 @@ class Router:
 
     async def records(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
         """The `rdtype` records of `name` for the sender checks (relay.smtp.auth): [] when the name
-        does not exist or has none; raises RouteError (kind DNS_TEMPORARY) on DNS failure."""
+        does not exist or has none; raises RouteError (kind DNS_TEMPORARY) on DNS failure.
+
+        Answers are kept for their TTL (and "no such name" for the zone's negative TTL, RFC
+        2308), as a resolver's cache would keep them: a flood from a few senders asks for the
+        same SPF and DMARC records thousands of times. Routing does not use this cache: its
+        answers must follow an operator's DNS change at once."""
         try:
-            return await self._lookup(name, rdtype)
+            answer = await self._answer(name, rdtype, cached=True)
+            return list(answer.rrset) if answer.rrset is not None else []
         except RouteError as exc:
             if exc.kind == NXDOMAIN:
                 return []
@@ -340,7 +348,7 @@ class Router:
         answer = await self._answer(name, rdtype)
         return list(answer.rrset) if answer.rrset is not None else []
 
-    async def _answer(self, name: str, rdtype: str) -> dns.resolver.Answer:
+    async def _answer(self, name: str, rdtype: str, cached: bool = False) -> dns.resolver.Answer:
         """dnspython's answer for `name` and `rdtype`, without raising on NODATA.
 
         This is where dnspython's exceptions become RouteError: NXDOMAIN is permanent, anything
@@ -352,7 +360,7 @@ class Router:
             raise RouteError(str(exc), kind=NXDOMAIN) from None  # cannot exist in the DNS
         where = f"{name} {rdtype}"
         try:
-            resolver = self._get_resolver()
+            resolver = self._get_caching_resolver() if cached else self._get_resolver()
             answer = await resolver.resolve(
                 qname, rdtype, search=False, raise_on_no_answer=False, lifetime=self.timeout
             )
@@ -384,6 +392,16 @@ class Router:
             resolver.lifetime = self.timeout
             self._resolver = resolver
         return self._resolver
+
+    def _get_caching_resolver(self) -> dns.asyncresolver.Resolver:
+        if self._caching is None:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            plain = self._get_resolver()
+            resolver.nameservers = plain.nameservers
+            resolver.timeout, resolver.lifetime = plain.timeout, plain.lifetime
+            resolver.cache = dns.resolver.LRUCache(CACHED_ANSWERS)
+            self._caching = resolver
+        return self._caching
 
 
 def _dns_name(text: str) -> dns.name.Name:
