@@ -27,6 +27,7 @@ from hostile import eventually, rejected
 from relay.authresults import AuthResults, org_domain
 from relay.ops import metrics
 from relay.service import Relay
+from relay.smtp.auth import from_domain
 from tests.conftest import (
     DOMAIN,
     HOSTNAME,
@@ -486,3 +487,19 @@ async def test_a_flood_from_one_sender_asks_the_dns_once_per_record(
     asked = [q for q in dns_server.queries if SENDER_DOMAIN in q[0]]
     assert sorted(asked) == [(f"_dmarc.{SENDER_DOMAIN}.", "TXT"), (f"{SENDER_DOMAIN}.", "TXT")]
     assert all(r is not None and r.spf == "pass" for _, _, r in stored(server))
+
+
+@pytest.mark.parametrize(
+    ("header", "domain"),
+    [
+        (b"From: Alice <alice@Sender.Test>\r\n", "sender.test"),
+        (b'From: "bob@forged.test" <bob@real.test>\r\n', "real.test"),
+        (b"From: a@b.test, c@d.test\r\n", None),  # two authors: DMARC cannot judge (6.6.1)
+        (b"From: a@b.test\r\nFrom: c@d.test\r\n", None),  # two From fields
+        (b"From: <a@[192.0.2.1]>\r\n", None),  # an address literal has no DMARC record
+        (b"From: undisclosed\r\n", None),
+        (b"Subject: no author\r\n", None),
+    ],
+)
+def test_the_from_domain_dmarc_judges(header: bytes, domain: str | None) -> None:
+    assert from_domain(header + b"\r\nbody\r\n") == domain

@@ -29,7 +29,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from email.headerregistry import Address
 from email.utils import getaddresses
 from typing import Any, TypeVar
 
@@ -234,11 +233,13 @@ def from_domain(content: bytes) -> str | None:
     addresses = getaddresses([re.sub(r"\r?\n", "", values[0])])
     if len(addresses) != 1:
         return None
-    try:
-        domain = Address(addr_spec=addresses[0][1]).domain
-    except (ValueError, IndexError):
+    local, at, domain = addresses[0][1].rpartition("@")
+    if not local or not at or not _DOMAIN.fullmatch(domain):
         return None
     return domain.lower().rstrip(".") or None
+
+
+_DOMAIN = re.compile(r"[^\s@()<>\[\],;:\\\"]+")  # a dot-atom domain; no literal ([192.0.2.1])
 
 
 def _dmarc_record(lookups: Lookups, domain: str) -> dict[str, str] | None:
@@ -256,11 +257,11 @@ def _dmarc_record(lookups: Lookups, domain: str) -> dict[str, str] | None:
 
 
 def check_dmarc(
-    lookups: Lookups, content: bytes, spf: tuple[str, str, str], dkim: Sequence[Signature]
+    lookups: Lookups, domain: str | None, spf: tuple[str, str, str], dkim: Sequence[Signature]
 ) -> tuple[str, str, str]:
     """(result, policy, From domain), RFC 7489 6.6: the From domain's record, else its
-    organizational domain's (and its sp=); pass when SPF or DKIM passed for an aligned domain."""
-    domain = from_domain(content)
+    organizational domain's (and its sp=); pass when SPF or DKIM passed for an aligned domain.
+    `domain` is from_domain()'s, found once: this runs again after each answer it waited for."""
     if domain is None:
         return "permerror", "", ""
     lookups.failed = False
@@ -303,8 +304,9 @@ async def authenticate(
     metrics.spam_check_duration.labels("dkim").observe(time.monotonic() - started)
     started = time.monotonic()
     found = spf
+    author = from_domain(content)
     dmarc, policy, domain = await lookups.answered(
-        lambda: check_dmarc(lookups, content, found, signatures)
+        lambda: check_dmarc(lookups, author, found, signatures)
     )
     metrics.spam_check_duration.labels("dmarc").observe(time.monotonic() - started)
     started = time.monotonic()
