@@ -304,7 +304,9 @@ async def test_a_slow_rspamd_is_given_up_at_the_deadline(
         assert reply.text == "451 4.7.1 Service unavailable - try again later"
         assert stored(server) == []
     change = increase(before, await metric_values(server))
-    assert 0.5 <= change.pop("duration_sum") < 5
+    # The deadline is a libuv timer: millisecond resolution, so it may fire up to 1 ms before
+    # time.monotonic() says 0.5 s have passed (seen once: 0.49986 s).
+    assert 0.5 - 0.001 <= change.pop("duration_sum") < 5
     assert change.pop("checks_timeout") == 1
     assert change.pop("duration_count") == 1
     assert change == ({"rejected": 1} if failure == "tempfail" else {})
