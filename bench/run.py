@@ -807,8 +807,7 @@ def check_dns(workdir: Path) -> Any:
     from tests.dnsserver import DnsServer
 
     key = arc_keys.generate_key(str(workdir / "arc.key"), force=True)
-    value = arc_keys.public_record(key)
-    strings = " ".join(f'"{value[i : i + 200]}"' for i in range(0, len(value), 200))
+    strings = arc_keys.txt_strings(arc_keys.public_record(key))
     server = DnsServer(
         {
             f"{SENDER_ZONE}.": [("TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')],

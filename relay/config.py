@@ -582,7 +582,7 @@ def _read_arc(r: _Reader, spam: SpamConfig) -> ArcConfig:
     )
     if not arc.key:
         return arc
-    from relay.smtp.arc import ArcKeyError, load_key
+    from relay.smtp.arc import NAME, ArcKeyError, load_key
 
     try:
         load_key(arc.key)
@@ -594,7 +594,7 @@ def _read_arc(r: _Reader, spam: SpamConfig) -> ArcConfig:
             r.problem(
                 name, "required with arc.key: the key is published at selector._domainkey.domain"
             )
-        elif not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", value):
+        elif not NAME.fullmatch(value):
             r.problem(name, f"{value!r} is not a DNS name")
     if not spam.auth:
         r.problem("key", "an ARC seal carries the sender checks' results: needs spam.auth = true")

@@ -42,9 +42,8 @@ MESSAGE = (
 
 
 def publish(dns: DnsServer, selector: str, domain: str, key: bytes) -> None:
-    value = arc_keys.public_record(key)
-    strings = " ".join(f'"{value[i : i + 200]}"' for i in range(0, len(value), 200))
-    dns.set(f"{selector}._domainkey.{domain}.", [("TXT", strings)])
+    value = arc_keys.txt_strings(arc_keys.public_record(key))
+    dns.set(f"{selector}._domainkey.{domain}.", [("TXT", value)])
 
 
 def lookup(server: DnsServer) -> Callable[..., bytes | None]:

@@ -9,7 +9,6 @@ here and published there. Clients connect from 127.0.0.x.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -19,14 +18,13 @@ from typing import Any
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from fakeprimary import FakePrimary, fake_primary
 from hostile import eventually, rejected
 
 from relay.authresults import AuthResults, org_domain
 from relay.ops import metrics
 from relay.service import Relay
+from relay.smtp import arc as arc_keys
 from relay.smtp.auth import from_domain
 from tests.conftest import (
     DOMAIN,
@@ -100,24 +98,12 @@ def spf(dns: DnsServer, domain: str, record: str) -> None:
     dns.set(f"{domain}.", [("TXT", f'"{record}"')])
 
 
-def txt(text: str) -> str:
-    """A TXT record's text as quoted strings of at most 255 octets (RFC 1035 3.3.14)."""
-    return " ".join(f'"{text[i : i + 200]}"' for i in range(0, len(text), 200))
-
-
 def dkim_key(dns: DnsServer, domain: str, selector: str = "s1") -> bytes:
     """A new RSA key published at selector._domainkey.domain; the private key, PEM."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    record = f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
-    dns.set(f"{selector}._domainkey.{domain}.", [("TXT", txt(record))])
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
+    key = arc_keys.new_key()  # a DKIM key and an ARC key are the same kind of key
+    record = arc_keys.txt_strings(arc_keys.public_record(key))
+    dns.set(f"{selector}._domainkey.{domain}.", [("TXT", record)])
+    return key
 
 
 def signed(content: bytes, domain: str, key: bytes, selector: str = "s1") -> bytes:

@@ -7,7 +7,6 @@ an invalid configuration (click's own convention for usage errors).
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 import tomllib
@@ -793,7 +792,7 @@ def arc_keygen(
         raise click.UsageError("no key path: give --key PATH or set [arc] key in the config")
     if not domain_name:
         raise click.UsageError("no signing domain: give --domain or set [arc] domain")
-    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", selector):
+    if not arc_keys.NAME.fullmatch(selector):
         raise click.BadParameter(f"{selector!r} is not a DNS label", param_hint="--selector")
     try:
         pem = arc_keys.generate_key(path, force=force)

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ def _openssl_sign(digest: Any, private_key: dict[str, int]) -> bytes:
 dkim.RSASSA_PKCS1_v1_5_sign = _openssl_sign
 
 
+# A selector or signing domain: labels of letters, digits and hyphens, dots between them.
+NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
 class ArcKeyError(Exception):
     """The configured key cannot be used: unreadable, or not an RSA private key."""
 
@@ -98,15 +103,20 @@ def public_record(key_pem: bytes) -> str:
     return f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode('ascii')}"
 
 
+def new_key() -> bytes:
+    """A new RSA private key, PEM (PKCS#1, what dkimpy documents)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
 def generate_key(path: str, *, force: bool = False) -> bytes:
     """A new RSA key written to `path`, mode 0600 from the start; refuses to overwrite one
     unless `force` (a key in use is published in the DNS: replacing it breaks every seal)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,  # PKCS#1, what dkimpy documents
-        serialization.NoEncryption(),
-    )
+    pem = new_key()
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     descriptor = os.open(path, flags, 0o600)
     with os.fdopen(descriptor, "wb") as out:
@@ -115,11 +125,15 @@ def generate_key(path: str, *, force: bool = False) -> bytes:
     return pem
 
 
+def txt_strings(value: str) -> str:
+    """A TXT value as a zone file writes it: quoted strings of at most 255 octets each (RFC
+    1035 3.3.14); a key record is longer than one string may be."""
+    return " ".join(f'"{value[i : i + 250]}"' for i in range(0, len(value), 250))
+
+
 def txt_record(selector: str, domain: str, key_pem: bytes) -> str:
-    """The zone-file line to publish: the value split in strings of at most 255 octets."""
-    value = public_record(key_pem)
-    strings = " ".join(f'"{value[i : i + 250]}"' for i in range(0, len(value), 250))
-    return f"{selector}._domainkey.{domain}. IN TXT ( {strings} )"
+    """The zone-file line to publish the key."""
+    return f"{selector}._domainkey.{domain}. IN TXT ( {txt_strings(public_record(key_pem))} )"
 
 
 @dataclass(frozen=True)

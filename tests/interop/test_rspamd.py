@@ -256,8 +256,7 @@ def test_rspamds_arc_check_accepts_the_relays_seal(
     """Issue 15: the seal verified by a real ARC verifier, rspamd's, with our key in the DNS."""
     key = str(tmp_path / "arc.key")
     pem = arc_keys.generate_key(key)
-    value = arc_keys.public_record(pem)
-    strings = " ".join(f'"{value[i : i + 200]}"' for i in range(0, len(value), 200))
+    strings = arc_keys.txt_strings(arc_keys.public_record(pem))
     LOCAL_DNS.set("interop._domainkey.relay.example.", [("TXT", strings)])
     port = free_port(RELAY_ADDRESS)
     arc = {"key": key, "selector": "interop", "domain": "relay.example"}
