@@ -161,15 +161,20 @@ def _spf_lookup(name: str, qtype: str, strict: object = True, timeout: object = 
 spf.DNSLookup = _spf_lookup
 
 
-# -- the three checks ---------------------------------------------------------------------------
+# -- the four checks ----------------------------------------------------------------------------
+
+
+def spf_identity(sender: str, helo: str) -> tuple[str, str, str]:
+    """(identity, its domain, scope): MAIL FROM, or postmaster@HELO when MAIL FROM is <>
+    (RFC 7208 2.4)."""
+    identity = sender if sender else f"postmaster@{helo}"
+    return identity, domain_of(identity).lower(), "mailfrom" if sender else "helo"
 
 
 def check_spf(lookups: Lookups, ip: str, sender: str, helo: str) -> tuple[str, str, str]:
-    """(result, domain, scope): MAIL FROM's domain, or HELO's when MAIL FROM is <> (RFC 7208
-    2.4). A HELO that is an address literal or no domain name has nothing to check: none."""
-    scope = "mailfrom" if sender else "helo"
-    identity = sender if sender else f"postmaster@{helo}"
-    domain = domain_of(identity).lower()
+    """(result, domain, scope) for spf_identity(). A HELO that is an address literal or no
+    domain name has nothing to check: none."""
+    identity, domain, scope = spf_identity(sender, helo)
     if not domain or domain.startswith("[") or "." not in domain:
         return "none", domain, scope
     _thread.lookups = lookups
@@ -345,8 +350,8 @@ def check_arc(lookups: Lookups, content: bytes) -> str:
 
 def _timed_out(sender: str, helo: str, spf: SpfResult | None) -> AuthResults:
     if spf is None:
-        identity = sender if sender else f"postmaster@{helo}"
-        spf = ("temperror", domain_of(identity).lower(), "mailfrom" if sender else "helo")
+        _identity, domain, scope = spf_identity(sender, helo)
+        spf = ("temperror", domain, scope)
     return AuthResults(spf=spf[0], spf_domain=spf[1], spf_scope=spf[2], dmarc="temperror")
 
 
