@@ -202,7 +202,7 @@ async def test_a_silent_dns_server_is_a_temperror_at_the_deadline_and_blocks_nob
     server = await start(relay_factory, dns_server, spam={"auth_timeout": "2s"})
     started = time.monotonic()
     slow = asyncio.ensure_future(send(server, sender="alice@slow.test"))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: dns_server.asked("slow.test."), "the relay asking about slow.test")
     # Meanwhile another client is served at once: the lookups do not hold the event loop.
     other_started = time.monotonic()
     async with conversation(smtp_address(server)) as talk:
