@@ -250,8 +250,7 @@ class OutboundSession:
         if "pipelining" in self._extensions:
             return await self._pipelined(message, utf8)
         encoding = "utf-8" if utf8 else "ascii"
-        sender = b"FROM:<" + message.sender.encode(encoding) + b">"
-        mail = await self._command("after MAIL FROM", b"MAIL", sender, *self._mail_params(message))
+        mail = await self._command("after MAIL FROM", *self._mail_command(message, encoding))
         if not _positive(mail):
             await self._abort()
             return {rcpt.address: mail for rcpt in message.recipients}
@@ -260,10 +259,7 @@ class OutboundSession:
         accepted: list[str] = []
         for rcpt in message.recipients:
             reply = _recipient_problem(rcpt, utf8) or await self._command(
-                "after RCPT TO",
-                b"RCPT",
-                b"TO:<" + rcpt.address.encode(encoding) + b">",
-                *self._rcpt_params(rcpt, encoding),
+                "after RCPT TO", *self._rcpt_command(rcpt, encoding)
             )
             replies[rcpt.address] = reply
             if _positive(reply):
@@ -288,13 +284,10 @@ class OutboundSession:
         undecided (SessionError): nothing was delivered, so trying all again repeats nothing.
         """
         encoding = "utf-8" if utf8 else "ascii"
-        sender = b"FROM:<" + message.sender.encode(encoding) + b">"
         local = {rcpt.address: _recipient_problem(rcpt, utf8) for rcpt in message.recipients}
         sent = [rcpt for rcpt in message.recipients if local[rcpt.address] is None]
-        commands = [b" ".join([b"MAIL", sender, *self._mail_params(message)])]
-        for rcpt in sent:
-            to = b"TO:<" + rcpt.address.encode(encoding) + b">"
-            commands.append(b" ".join([b"RCPT", to, *self._rcpt_params(rcpt, encoding)]))
+        commands = [b" ".join(self._mail_command(message, encoding))]
+        commands += [b" ".join(self._rcpt_command(rcpt, encoding)) for rcpt in sent]
         commands.append(b"DATA")
         protocol = self._smtp.protocol
         if protocol is None:
@@ -356,6 +349,15 @@ class OutboundSession:
                 local=True,
             )
         return None
+
+    def _mail_command(self, message: Outgoing, encoding: str) -> list[bytes]:
+        """MAIL FROM and its parameters, word by word: sent alone or in a pipelined flight."""
+        sender = b"FROM:<" + message.sender.encode(encoding) + b">"
+        return [b"MAIL", sender, *self._mail_params(message)]
+
+    def _rcpt_command(self, rcpt: OutgoingRecipient, encoding: str) -> list[bytes]:
+        to = b"TO:<" + rcpt.address.encode(encoding) + b">"
+        return [b"RCPT", to, *self._rcpt_params(rcpt, encoding)]
 
     def _mail_params(self, message: Outgoing) -> list[bytes]:
         params: list[str] = []
