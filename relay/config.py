@@ -123,6 +123,8 @@ class SmtpConfig:
     stress_timeout: float = 10.0
     max_line_length: int = 2048
     max_inflight_bytes: int = 256 * 1024**2
+    # Processes that run SMTP sessions (relay.workers); 1 = the relay process alone, as before.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -499,7 +501,22 @@ def _read_smtp(r: _Reader) -> SmtpConfig:
         stress_timeout=r.get("stress_timeout", d.stress_timeout, parse_duration),
         max_line_length=r.get("max_line_length", d.max_line_length, _int(512)),
         max_inflight_bytes=r.get("max_inflight_bytes", d.max_inflight_bytes, parse_size),
+        workers=r.get("workers", d.workers, _workers),
     )
+
+
+MAX_WORKERS = 64
+
+
+def _workers(value: Any) -> int:
+    """smtp.workers: a count, or "auto" for one per core this process may run on."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'expected a whole number or "auto", got {value!r}')
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be from 1 to {MAX_WORKERS}, got {value}")
+    return value
 
 
 def _flag(value: Any) -> bool:
@@ -718,6 +735,7 @@ NEEDS_RESTART = (
     "status.listen",
     "log.format",
     "delivery.concurrency",
+    "smtp.workers",
 )
 
 

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,13 +32,14 @@ from relay.envelope import hostport
 from relay.ops import audit, metrics
 from relay.ops.rescue import Rescuer
 from relay.ops.status import render_page, status_report
-from relay.smtp.arc import ArcKeyError, Sealer, load_key
+from relay.smtp.arc import Sealer, load_sealer
 from relay.smtp.auth import Authenticator
 from relay.smtp.dnsbl import DnsLists
-from relay.smtp.intake import IntakeHandler, RelaySMTP
-from relay.smtp.limits import Limits
+from relay.smtp.intake import IntakeHandler, RelaySMTP, Replies, smtp_protocol
+from relay.smtp.limits import Limits, Refusal
 from relay.smtp.policy import RecipientPolicy
 from relay.store import AsyncStore, DomainControl, NewMessage, StorageError, Store
+from relay.workers import Acceptors, Families, StandIn, bind, merge
 
 log = logging.getLogger("relay")
 T = TypeVar("T")
@@ -59,6 +60,8 @@ class MetricsServer:
     status_page: Callable[[Store], bytes] | None = None
     # What this listener serves: all of it on metrics.listen, /status alone on status.listen.
     paths: frozenset[str] = frozenset(("/metrics", "/healthz", "/status"))
+    # The /metrics body; by default this process's registry (with smtp.workers, every process's).
+    exposition: Callable[[], Awaitable[bytes]] | None = None
     _reader: Store | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -85,7 +88,10 @@ class MetricsServer:
                 body = await asyncio.to_thread(self._read, page)
                 status, ctype = "200 OK", "text/html; charset=utf-8"
             elif path == "/metrics":
-                body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)
+                if self.exposition is not None:
+                    body = await self.exposition()
+                else:
+                    body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)
                 status, ctype = "200 OK", CONTENT_TYPE_LATEST
             elif path == "/healthz":
                 problems = self.problems()
@@ -134,8 +140,7 @@ class Relay:
         self.rescuer = Rescuer(
             lambda: self.config, self.store, self.health, self.policy, clock=clock
         )
-        self._sealer: Sealer | None = None
-        self._load_sealer(cfg)
+        self._sealer: Sealer | None = load_sealer(cfg, None)
         self.handler = IntakeHandler(
             get_config=lambda: self.config,
             store=self.store,
@@ -148,7 +153,10 @@ class Relay:
             sealer=lambda: self._sealer,
         )
         self.metrics_server = MetricsServer(
-            cfg.queue.path, problems=self._problems, status_page=self._status_page
+            cfg.queue.path,
+            problems=self._problems,
+            status_page=self._status_page,
+            exposition=self._exposition if cfg.smtp.workers > 1 else None,
         )
         # status.listen: the page alone, for anyone (status.public), on a connection of its own.
         self.status_server = MetricsServer(
@@ -161,29 +169,23 @@ class Relay:
             self.metrics_server.snapshot, self.health.down_names
         )
         self.smtp_servers: list[asyncio.Server] = []
+        # With smtp.workers > 1: the listening sockets, served by the acceptor processes.
+        self.listeners: list[socket.socket] = []
+        self.acceptors: Acceptors | None = None
         self.http_server: asyncio.Server | None = None
         self.status_http_server: asyncio.Server | None = None
         self.stopped = asyncio.Event()
         self._tls = tls.server_context(cfg)
         self.scheduler: Scheduler | None = None
         self._delivery_task: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Future[None] | None = None
         self._operators_task: asyncio.Task[None] | None = None
 
-    def _load_sealer(self, cfg: Config) -> None:
-        """The ARC key is read at start and on SIGHUP; a key that went bad keeps the old one."""
-        arc = cfg.arc
-        if not arc.key:
-            self._sealer = None
-            return
-        try:
-            key = load_key(arc.key)
-        except ArcKeyError as exc:
-            log.error("ARC key not loaded, keeping the old one: %s", exc)
-            return
-        self._sealer = Sealer(key, arc.selector, arc.domain, cfg.hostname)
-
     def _problems(self) -> list[str]:
-        serving = bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
+        if self.acceptors is not None:
+            serving = self.acceptors.serving()
+        else:
+            serving = bool(self.smtp_servers) and all(s.is_serving() for s in self.smtp_servers)
         found = [] if serving else ["not serving SMTP"]
         found += self.store.problems()
         blocked = self.scheduler.blocked if self.scheduler is not None else None
@@ -199,15 +201,7 @@ class Relay:
             self.scheduler.accepted({r.domain for r in message.recipients})
 
     def _protocol(self) -> RelaySMTP:
-        cfg = self.config
-        return RelaySMTP(
-            self.handler,
-            hostname=cfg.hostname,
-            ident="ESMTP relay",
-            data_size_limit=cfg.smtp.max_message_size,
-            tls_context=self._tls,
-            timeout=cfg.smtp.command_timeout,
-        )
+        return smtp_protocol(self.handler, self.config, self._tls)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -217,7 +211,12 @@ class Relay:
         await self.policy.start()
         # Read before delivery starts: after a restart, a paused domain must not get one attempt.
         controls = await self.store.run(Store.domain_controls)
+        workers = self.config.smtp.workers
         for host, port in self.config.smtp.listen:
+            if workers > 1:
+                self.listeners.append(bind(host, port))
+                log.info("listening for SMTP on %s", _name(self.listeners[-1]))
+                continue
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             server = await loop.create_server(
                 self._protocol, host=host, port=port, family=family, reuse_address=True
@@ -226,6 +225,11 @@ class Relay:
             log.info("listening for SMTP on %s", _sockname(server))
         self._start_delivery()
         self._apply_controls(controls)
+        if workers > 1:
+            self.acceptors = Acceptors(
+                workers, self.listeners, self._acceptor_requests(), lambda: self.config
+            )
+            await self.acceptors.start()
         self.rescuer.start()
         self._operators_task = asyncio.create_task(self._follow_operators())
         if self.config.metrics.listen is not None:
@@ -246,6 +250,37 @@ class Relay:
             ",".join(d.name for d in self.config.domains),
             self.config.queue.path,
         )
+
+    def _acceptor_requests(self) -> dict[str, Callable[..., Awaitable[Any]]]:
+        """What the SMTP worker processes ask of this one (relay.workers)."""
+
+        async def put(message: NewMessage) -> None:
+            await self.store.put(message)
+            self._accepted(message)
+
+        async def rcpt(domain: str, address: str, unknown: int) -> tuple[Refusal | None, int]:
+            settings = self.config.domain(domain)
+            if settings is None:  # a reload took the domain away while the worker asked
+                return Refusal(Replies.RELAY_DENIED.format(address=address), "relay_denied"), 0
+            session = StandIn(unknown)
+            refusal = await self.policy.rcpt(session, settings, address)
+            return refusal, session.unknown_recipients
+
+        async def flush(domain: str) -> int:
+            return 0 if self.scheduler is None else await self.scheduler.flush_domain(domain)
+
+        return {"put": put, "rcpt": rcpt, "flush": flush}
+
+    async def _exposition(self) -> bytes:
+        """/metrics with SMTP workers: this process's series and theirs, summed."""
+        assert self.acceptors is not None
+        theirs = await self.acceptors.families()
+
+        def render() -> bytes:
+            ours = list(metrics.REGISTRY.collect())
+            return generate_latest(Families(merge([ours, *theirs])))
+
+        return await asyncio.to_thread(render)
 
     def _start_delivery(self) -> None:
         """Starts after the listeners, so the router knows every (address, port) that is us."""
@@ -321,10 +356,10 @@ class Relay:
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:
         found = []
-        for server in self.smtp_servers:
-            for sock in server.sockets:
-                name = sock.getsockname()
-                found.append((str(name[0]), int(name[1])))
+        sockets = [sock for server in self.smtp_servers for sock in server.sockets]
+        for sock in [*sockets, *self.listeners]:
+            name = sock.getsockname()
+            found.append((str(name[0]), int(name[1])))
         return found
 
     def reload(self, path: str) -> None:
@@ -349,7 +384,9 @@ class Relay:
             self.scheduler.router = router
             self.scheduler.forget_routes()
             self.health.router = router
-        self._load_sealer(new)
+        self._sealer = load_sealer(new, self._sealer)
+        if self.acceptors is not None:
+            self._reloading = asyncio.ensure_future(self.acceptors.configure(new))
         try:
             self._tls = tls.server_context(new)
         except (OSError, ssl.SSLError) as exc:
@@ -359,6 +396,11 @@ class Relay:
     async def stop(self, grace: float = 10.0) -> None:
         for server in self.smtp_servers:
             server.close()
+        if self.acceptors is not None:
+            # Before the queue closes: the workers' last sessions still commit through us.
+            await self.acceptors.stop(grace)
+        for sock in self.listeners:
+            sock.close()
         for http in (self.http_server, self.status_http_server):
             if http is not None:
                 http.close()
@@ -383,6 +425,11 @@ class Relay:
         self.status_server.close()
         self.stopped.set()
         log.info("relay stopped")
+
+
+def _name(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return hostport(host, port)
 
 
 def _sockname(server: asyncio.Server) -> str:

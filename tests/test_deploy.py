@@ -60,6 +60,7 @@ _DOCUMENTED = {
         "stress_timeout",
         "max_line_length",
         "max_inflight_bytes",
+        "workers",
     ),
     "tls": ("cert", "key"),
     "queue": ("path", "lifetime", "on_expiry", "min_free_space"),

@@ -27,6 +27,7 @@ LOG_LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 # A reply as the relay writes it: "550 5.7.1 …" (RFC 3463 enhanced code, then text).
 _REPLY = re.compile(r"^[2-5]\d\d [2-5]\.\d{1,3}\.\d{1,3} ")
 REPLY_MODULES = (
+    "workers.py",
     "smtp/intake.py",
     "smtp/limits.py",
     "smtp/policy.py",

@@ -42,6 +42,7 @@ CHANGES: dict[str, Any] = {
     "smtp.stress_timeout": "20s",
     "smtp.max_line_length": 1000,
     "smtp.max_inflight_bytes": "1M",
+    "smtp.workers": 2,
     "tls.cert": "CERT",
     "tls.key": "KEY",
     "queue.path": "QUEUE2",

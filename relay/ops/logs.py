@@ -167,3 +167,10 @@ def setup_logging(fmt: str, level: int = logging.INFO) -> None:
     root.setLevel(level)
     # aiosmtpd logs every command line at INFO; our own log lines carry what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def current_format() -> str:
+    """The format setup_logging was given ("json" or "text"): what a process the relay starts
+    (an SMTP worker, relay.workers) must log in so that its lines read like the relay's."""
+    formatters = [handler.formatter for handler in logging.getLogger().handlers]
+    return "json" if any(isinstance(f, JsonFormatter) for f in formatters) else "text"

@@ -35,6 +35,7 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
+from relay.config import Config
 from relay.ops import metrics
 from relay.ops.logs import fields
 
@@ -173,3 +174,17 @@ class Sealer:
             return content
         metrics.arc_seals.labels("sealed").inc()
         return header + content
+
+
+def load_sealer(cfg: Config, current: Sealer | None) -> Sealer | None:
+    """The sealer the `[arc]` config asks for, read at start and on SIGHUP (by every process
+    that runs SMTP sessions): a key that went bad keeps `current`, and says so."""
+    arc = cfg.arc
+    if not arc.key:
+        return None
+    try:
+        key = load_key(arc.key)
+    except ArcKeyError as exc:
+        log.error("ARC key not loaded, keeping the old one: %s", exc)
+        return current
+    return Sealer(key, arc.selector, arc.domain, cfg.hostname)

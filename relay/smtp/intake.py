@@ -21,13 +21,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import Envelope, Session, syntax
 
 from relay.adapters.aiosmtpd import SMTPProtocol, parse_address, prefixed
 from relay.authresults import AuthResults
-from relay.config import Config
+from relay.config import Config, DomainConfig
 from relay.envelope import address_problem, domain_of, split
 from relay.ops import metrics
 from relay.ops.logs import fields
@@ -36,9 +36,8 @@ from relay.smtp.arc import Sealer
 from relay.smtp.auth import Authenticator, SpfResult
 from relay.smtp.dnsbl import DnsLists, Site, Verdict, parse_site
 from relay.smtp.limits import Limits, Refusal
-from relay.smtp.policy import RecipientPolicy
+from relay.smtp.policy import InboundSession
 from relay.store import (
-    AsyncStore,
     NewMessage,
     NewRecipient,
     StorageError,
@@ -118,6 +117,7 @@ class RelaySession(Session):
         self.unknown_recipients = 0
         self.closed = False
         self.slot: str | None = None  # relay.limits: the client whose connection slot we hold
+        self.counted = False  # relay.workers: the relay process counts this connection
         # Set by the protocol: bring this session's deadline to at most N seconds from now.
         self.tighten: Callable[[float], None] | None = None
         self.dnsbl: asyncio.Future[Verdict] | None = None  # started at connect (relay.dnsbl)
@@ -128,6 +128,7 @@ class RelaySession(Session):
         self.messages = previous.messages
         self.unknown_recipients = previous.unknown_recipients
         self.slot, previous.slot = previous.slot, None
+        self.counted, previous.counted = previous.counted, False
         previous.closed = True
 
     @property
@@ -468,6 +469,20 @@ class RelaySMTP(SMTPProtocol):
         return stream.content()
 
 
+def smtp_protocol(
+    handler: IntakeHandler, cfg: Config, tls_context: ssl.SSLContext | None
+) -> RelaySMTP:
+    """One connection's protocol object, as every process that runs SMTP sessions builds it."""
+    return RelaySMTP(
+        handler,
+        hostname=cfg.hostname,
+        ident="ESMTP relay",
+        data_size_limit=cfg.smtp.max_message_size,
+        tls_context=tls_context,
+        timeout=cfg.smtp.command_timeout,
+    )
+
+
 class DataStream:
     """The DATA phase's bytes up to the lone dot, kept exactly as sent (no I/O here).
 
@@ -697,17 +712,45 @@ def recipient_problem(address: str) -> str | None:
     return None
 
 
+class MessageStore(Protocol):
+    """Where an accepted message goes: the queue (relay.store), or, in an acceptor process, the
+    process that owns it (relay.workers). Returns once the message is durable."""
+
+    async def put(self, message: NewMessage) -> None: ...
+
+
+class ClientCounts(Protocol):
+    """Connections and messages a minute per client, counted for several processes at once
+    (relay.workers: the relay process keeps them for its SMTP workers)."""
+
+    async def connect(self, client_ip: str) -> Refusal | None: ...
+
+    def disconnect(self, client_ip: str) -> None: ...
+
+    async def message(self, client_ip: str) -> Refusal | None: ...
+
+
+class RecipientCheck(Protocol):
+    """Recipient validation (relay.policy's RecipientPolicy, or relay.workers' stand-in that asks
+    the process owning it)."""
+
+    async def rcpt(
+        self, session: InboundSession, settings: DomainConfig, address: str
+    ) -> Refusal | None: ...
+
+
 @dataclass
 class IntakeHandler:
     """Every inbound decision. Gets the config through a callable so SIGHUP reloads apply."""
 
     get_config: Callable[[], Config]
-    store: AsyncStore
+    store: MessageStore
     clock: Callable[[], float] = time.time
     on_accepted: Callable[[NewMessage], None] | None = None
     flush_domain: Callable[[str], Awaitable[int]] | None = None
     limits: Limits | None = None  # connection, rate, memory and disk limits (relay.limits)
-    policy: RecipientPolicy | None = None  # recipient validation and `accept` (relay.policy)
+    shared: ClientCounts | None = None  # the client limits, kept by the relay process (workers)
+    policy: RecipientCheck | None = None  # recipient validation and `accept` (relay.policy)
     dns_lists: DnsLists | None = None  # DNS list lookups with their cache (relay.dnsbl)
     authenticator: Authenticator | None = None  # SPF, DKIM and DMARC (relay.smtp.auth)
     sealer: Callable[[], Sealer | None] = lambda: None  # our ARC seal (relay.smtp.arc), if any
@@ -754,6 +797,8 @@ class IntakeHandler:
     ) -> str | None:
         """The pregreet test and, with dnsbl_action = "banner", the DNS lists: a reply to send
         instead of the banner, or None."""
+        if self.shared is not None and (refusal := await self._count(session)) is not None:
+            return self._refused(session, "connection", refusal)
         spam = self.config.spam
         if spam.greet_delay > 0:
             await asyncio.sleep(spam.greet_delay)
@@ -762,6 +807,23 @@ class IntakeHandler:
         if spam.dnsbl_action == "banner":
             return await self._dnsbl_refusal(session, "connection", Replies.DNSBL_BANNER)
         return None
+
+    async def _count(self, session: RelaySession) -> Refusal | None:
+        """The shared count of clients takes the connection, or refuses it. Whatever happens
+        to the session meanwhile, a connection counted there is given back exactly once."""
+        assert self.shared is not None
+        shared, client_ip = self.shared, session.client_ip
+        asking = asyncio.ensure_future(shared.connect(client_ip))
+        try:
+            refusal = await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            asking.add_done_callback(lambda done: _give_back(shared, client_ip, done))
+            raise
+        if refusal is None and session.closed:
+            shared.disconnect(client_ip)
+        elif refusal is None:
+            session.counted = True
+        return refusal
 
     async def _dnsbl_refusal(self, session: RelaySession, what: str, reply: str) -> str | None:
         if session.dnsbl is None:
@@ -782,6 +844,9 @@ class IntakeHandler:
     def connection_closed(self, session: RelaySession) -> None:
         if self.limits is not None:
             self.limits.disconnect(session)
+        if session.counted and self.shared is not None:
+            session.counted = False
+            self.shared.disconnect(session.client_ip)
         self.sessions.discard(session)
         if not self.sessions:
             self.idle.set()
@@ -849,6 +914,8 @@ class IntakeHandler:
 
     async def mail(self, session: RelaySession, envelope: RelayEnvelope, sender: str) -> str:
         if self.limits is not None and (refusal := self.limits.mail(session)) is not None:
+            return self._refused(session, "MAIL", refusal)
+        if self.shared is not None and (refusal := await self.shared.message(session.client_ip)):
             return self._refused(session, "MAIL", refusal)
         return Replies.MAIL_OK
 
@@ -1061,6 +1128,12 @@ class IntakeHandler:
         if self.on_accepted is not None:
             self.on_accepted(message)
         return Replies.QUEUED.format(id=queue_id)
+
+
+def _give_back(shared: ClientCounts, client_ip: str, asked: asyncio.Future[Refusal | None]) -> None:
+    """A connection the shared count took for a session that went away before it heard so."""
+    if not asked.cancelled() and asked.exception() is None and asked.result() is None:
+        shared.disconnect(client_ip)
 
 
 def _protocol(session: RelaySession, envelope: RelayEnvelope) -> str:

@@ -17,6 +17,7 @@ change without touching the protocol code; intake.py only relays a `Refusal`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from relay.config import Config
+from relay.config import Config, SmtpConfig
 
 log = logging.getLogger("relay.limits")
 
@@ -107,6 +108,26 @@ FREE_SPACE_TTL = 1.0
 STRESS_AT = 0.8
 
 
+def share(smtp: SmtpConfig) -> SmtpConfig:
+    """One SMTP worker's own limits when `smtp.workers` processes run sessions (relay.workers).
+
+    The counts that are about clients (connections in all, connections and messages a minute
+    per client) are kept by the relay process for every worker, as Postfix's anvil keeps them
+    for every smtpd: exact, whichever worker the kernel hands a connection to. So a worker
+    counts no rate of its own, and its connection caps never bind before the shared ones. The
+    DATA buffer is memory of the worker's own process: each gets its part of the budget, never
+    less than one message of the largest size. One process keeps the limits as configured.
+    """
+    workers = smtp.workers
+    if workers == 1:
+        return smtp
+    return dataclasses.replace(
+        smtp,
+        rate_per_ip=0,
+        max_inflight_bytes=max(smtp.max_message_size, smtp.max_inflight_bytes // workers),
+    )
+
+
 class Limits:
     """Connection slots, per-client message rate, the in-flight DATA budget and free disk space.
 
@@ -156,8 +177,12 @@ class Limits:
 
     @property
     def stressed(self) -> bool:
-        """More than STRESS_AT of smtp.max_connections in use: time to shed slow clients."""
-        return self.connections > STRESS_AT * self.get_config().smtp.max_connections
+        """More than STRESS_AT of smtp.max_connections in use: time to shed slow clients.
+
+        With SMTP workers, each judges by its own sessions against its part of the slots.
+        """
+        smtp = self.get_config().smtp
+        return self.connections > STRESS_AT * smtp.max_connections / smtp.workers
 
     def disconnect(self, session: Client) -> None:
         """Gives the session's slot back; safe to call for a session that never had one."""
@@ -195,8 +220,13 @@ class Limits:
                 config.queue.min_free_space,
             )
             return Refusal(Replies.LOW_DISK, "low_disk_space")
-        if smtp.rate_per_ip and not self._count_message(client_key(session.client_ip)):
-            reply = Replies.RATE.format(host=config.hostname, client=session.client_ip)
+        return self.rate(session.client_ip)
+
+    def rate(self, client_ip: str) -> Refusal | None:
+        """Counts one message for the client; a refusal when over smtp.rate_per_ip a minute."""
+        config = self.get_config()
+        if config.smtp.rate_per_ip and not self._count_message(client_key(client_ip)):
+            reply = Replies.RATE.format(host=config.hostname, client=client_ip)
             return Refusal(reply, "rate_per_ip")
         return None
 
