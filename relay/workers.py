@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import inspect
 import itertools
 import logging
 import operator
@@ -40,7 +41,7 @@ import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 from prometheus_client.core import Metric
@@ -54,12 +55,12 @@ from relay.smtp.auth import Authenticator
 from relay.smtp.dnsbl import DnsLists
 from relay.smtp.intake import IntakeHandler, RelaySMTP, smtp_protocol
 from relay.smtp.limits import Limits, Refusal, client_key, share
-from relay.smtp.policy import InboundSession
+from relay.smtp.policy import InboundSession, takes_every_address
 from relay.store import NewMessage, StorageError
 
 log = logging.getLogger("relay.workers")
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Any]  # returns the answer, or an awaitable of it
 
 _LENGTH = struct.Struct("!I")
 # An acceptor that dies is started again after this long: soon enough that the others' share of
@@ -80,23 +81,28 @@ class ChannelClosed(ConnectionError):
     """The process at the other end of the socket pair is gone."""
 
 
-class Channel:
-    """Requests and replies both ways over one stream: `ask` here, `handlers` for the other
-    side's requests. `serve` reads until the other process goes away."""
+class Channel(asyncio.Protocol):
+    """Requests and replies both ways over one socket pair: `ask` and `tell` here, `handlers`
+    for the other side's requests (plain functions, or coroutines for what must wait, such as
+    a commit). `closed` is set, and every pending `ask` fails, when the other process goes away.
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        handlers: Mapping[str, Handler],
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    A protocol rather than streams: every message of the relay crosses here, and a frame is
+    parsed where it arrives, with no task per read; the replies of one pass of the loop leave
+    in one write.
+    """
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
         self._handlers = handlers
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._answering: set[asyncio.Task[None]] = set()
+        self._buffer = bytearray()
+        self._outgoing: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
         self.closed = False
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asking --
 
     async def ask(self, verb: str, *args: Any) -> Any:
         if self.closed:
@@ -118,27 +124,58 @@ class Channel:
         if self.closed:
             return
         data = pickle.dumps((number, verb, payload), protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.writelines((_LENGTH.pack(len(data)), data))
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing += (_LENGTH.pack(len(data)), data)
 
-    async def serve(self) -> None:
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self._transport is not None and not self.closed:
+            self._transport.write(b"".join(outgoing))
+
+    # -- the transport's side --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but write the same.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start, length = 0, len(buffer)
+        while length - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer, start)
+            end = start + _LENGTH.size + size
+            if end > length:
+                break
+            self._received(*pickle.loads(buffer[start + _LENGTH.size : end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ChannelClosed("the other process is gone"))
+        if not self.gone.done():
+            self.gone.set_result(None)
+
+    def _received(self, number: int, verb: str, payload: Any) -> None:
+        if verb in ("reply", "fail"):
+            self._settle(number, verb, payload)
+            return
         try:
-            while True:
-                (size,) = _LENGTH.unpack(await self._reader.readexactly(_LENGTH.size))
-                number, verb, payload = pickle.loads(await self._reader.readexactly(size))
-                if verb in ("reply", "fail"):
-                    self._settle(number, verb, payload)
-                else:
-                    task = asyncio.create_task(self._answer(number, verb, payload))
-                    self._answering.add(task)
-                    task.add_done_callback(self._answering.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed = True
-            for future in self._waiting.values():
-                if not future.done():
-                    future.set_exception(ChannelClosed("the other process is gone"))
-            self._writer.close()
+            result = self._handlers[verb](*payload)
+        except Exception as exc:
+            self._failed(number, verb, exc)
+            return
+        if not inspect.isawaitable(result):
+            if number:
+                self._send(number, "reply", result)
+            return
+        task = asyncio.ensure_future(self._answer(number, verb, result))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
     def _settle(self, number: int, verb: str, payload: Any) -> None:
         future = self._waiting.get(number)
@@ -150,24 +187,27 @@ class Channel:
             kind, text = payload
             future.set_exception(StorageError(text) if kind == "storage" else RuntimeError(text))
 
-    async def _answer(self, number: int, verb: str, args: tuple[Any, ...]) -> None:
+    async def _answer(self, number: int, verb: str, pending: Awaitable[Any]) -> None:
         try:
-            result = await self._handlers[verb](*args)
-            if number == 0:
-                return
-        except StorageError as exc:
-            self._send(number, "fail", ("storage", str(exc)))
+            result = await pending
         except Exception as exc:
-            log.exception("%s request failed", verb)
-            self._send(number, "fail", ("error", repr(exc)))
+            self._failed(number, verb, exc)
         else:
-            self._send(number, "reply", result)
+            if number:
+                self._send(number, "reply", result)
+
+    def _failed(self, number: int, verb: str, exc: Exception) -> None:
+        if isinstance(exc, StorageError):
+            self._send(number, "fail", ("storage", str(exc)))
+        else:
+            log.error("%s request failed: %r", verb, exc, exc_info=exc)
+            self._send(number, "fail", ("error", repr(exc)))
 
 
 async def _connect(sock: socket.socket, handlers: Mapping[str, Handler]) -> Channel:
-    # Messages are read whole with readexactly: the stream's line limit never applies.
-    reader, writer = await asyncio.open_connection(sock=sock)
-    return Channel(reader, writer, handlers)
+    channel = Channel(handlers)
+    await asyncio.get_running_loop().create_connection(lambda: channel, sock=sock)
+    return channel
 
 
 # -- the owner's side ------------------------------------------------------------------------
@@ -299,32 +339,29 @@ class Acceptors:
             theirs.close()
         process = slot.process
 
-        async def ready(pid: int) -> None:
+        def ready(pid: int) -> None:
             log.info("SMTP worker %d (pid %d) serving", slot.number, pid)
             slot.ready.set()
 
-        async def config() -> Config:
+        def config() -> Config:
             return self.get_config()
 
-        async def connect(client_ip: str) -> Refusal | None:
+        def connect(client_ip: str) -> Refusal | None:
             return self.counts.connect(slot.number, client_ip)
 
-        async def disconnect(client_ip: str) -> None:
+        def disconnect(client_ip: str) -> None:
             self.counts.disconnect(slot.number, client_ip)
 
-        async def message(client_ip: str) -> Refusal | None:
-            return self.counts.message(client_ip)
-
-        handlers = {
+        handlers: dict[str, Handler] = {
             **self.handlers,
             "ready": ready,
             "config": config,
             "connect": connect,
             "disconnect": disconnect,
-            "message": message,
+            "message": self.counts.message,
         }
         slot.channel = await _connect(ours, handlers)
-        await slot.channel.serve()
+        await slot.channel.gone
         slot.ready.clear()
         slot.channel = None
         self.counts.forget(slot.number)
@@ -453,6 +490,8 @@ class OwnerPolicy:
     async def rcpt(
         self, session: InboundSession, settings: DomainConfig, address: str
     ) -> Refusal | None:
+        if takes_every_address(settings):
+            return None
         ask = ("rcpt", settings.name, address, session.unknown_recipients)
         try:
             refusal, session.unknown_recipients = await self.channel.ask(*ask)
@@ -533,18 +572,14 @@ class Acceptor:
         assert self._router is not None
         return self._router
 
-    async def _configured(self, config: Config) -> None:
-        self._configure(config)
-
-    async def _metrics(self) -> list[Metric]:
+    def _metrics(self) -> list[Metric]:
         return list(metrics.REGISTRY.collect())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         channel = await _connect(
-            self.channel_sock, {"metrics": self._metrics, "configure": self._configured}
+            self.channel_sock, {"metrics": self._metrics, "configure": self._configure}
         )
-        reading = asyncio.create_task(channel.serve())
         self._configure(await channel.ask("config"))
         handler = IntakeHandler(
             get_config=self.current,
@@ -574,7 +609,7 @@ class Acceptor:
         # The owner sends the configuration on its own SIGHUP; a hangup of the terminal's
         # process group must not end an acceptor.
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
-        reading.add_done_callback(lambda _: stop.set())
+        channel.gone.add_done_callback(lambda _: stop.set())
         await channel.ask("ready", os.getpid())
         await stop.wait()
         for server in servers:

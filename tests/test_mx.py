@@ -9,6 +9,7 @@ ever sent to those, they are only looked up and compared.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -472,3 +473,26 @@ async def route_error_primary(router: Router, primary: list[str]) -> RouteError:
     with pytest.raises(RouteError) as caught:
         await router.hops(DOMAIN, primary)
     return caught.value
+
+
+async def test_the_sender_checks_answers_are_kept_until_they_expire(
+    dns_server: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """records() answers again from what it kept (found, and "no such name"), until the
+    answer's own expiry: then the DNS is asked again and a changed record is seen."""
+    dns_server.set("sender.test.", [("TXT", '"v=spf1 -all"')])
+    router = make_router(dns_server)
+    for _ in range(3):
+        assert [rd.to_text() for rd in await router.records("sender.test", "TXT")] == [
+            '"v=spf1 -all"'
+        ]
+        assert await router.records("_dmarc.sender.test", "TXT") == []
+    assert len(dns_server.queries) == 2
+    dns_server.set("sender.test.", [("TXT", '"v=spf1 +all"')])
+    assert router._caching is not None and router._caching.cache is not None
+    router._caching.cache.flush()  # dnspython's own cache, which keeps them as long
+    later = time.time() + 86400
+    monkeypatch.setattr("relay.delivery.mx.time.time", lambda: later)
+    found = await router.records("Sender.Test", "TXT")
+    assert [rd.to_text() for rd in found] == ['"v=spf1 +all"']
+    assert len(dns_server.queries) == 3

@@ -219,8 +219,7 @@ def test_each_worker_keeps_only_its_part_of_the_data_buffer() -> None:
     part = share(smtp)
     assert part.max_inflight_bytes == 100 * 1024**2
     # The client limits are the relay process's to count, with the values configured.
-    assert (part.max_connections, part.max_connections_per_ip) == (100, 10)
-    assert part.rate_per_ip == 0
+    assert (part.max_connections, part.max_connections_per_ip, part.rate_per_ip) == (100, 10, 20)
     small = share(replace(smtp, max_inflight_bytes=90 * 1024**2))
     assert small.max_inflight_bytes == 50 * 1024**2  # never below one largest message
     assert share(replace(smtp, workers=1)) == replace(smtp, workers=1)

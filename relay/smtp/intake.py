@@ -915,7 +915,11 @@ class IntakeHandler:
     async def mail(self, session: RelaySession, envelope: RelayEnvelope, sender: str) -> str:
         if self.limits is not None and (refusal := self.limits.mail(session)) is not None:
             return self._refused(session, "MAIL", refusal)
-        if self.shared is not None and (refusal := await self.shared.message(session.client_ip)):
+        if (
+            self.shared is not None
+            and self.config.smtp.rate_per_ip
+            and (refusal := await self.shared.message(session.client_ip))
+        ):
             return self._refused(session, "MAIL", refusal)
         return Replies.MAIL_OK
 
@@ -1157,6 +1161,8 @@ def _tls_description(session: RelaySession) -> str | None:
 
 def client_allowed(address: str, networks: tuple[str, ...]) -> bool:
     """Whether a client address falls in one of the configured networks (ETRN and the like)."""
+    if not networks:
+        return False  # asked at every EHLO: no parsing when nobody may
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -70,8 +70,12 @@ class Client(Protocol):
     slot: str | None  # the client key whose connection slot this session holds
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(address: str) -> str:
-    """The unit the per-client limits count: the IPv4 address, or the IPv6 /64."""
+    """The unit the per-client limits count: the IPv4 address, or the IPv6 /64.
+
+    Kept for the clients seen last: parsing an address is asked at every connection, twice
+    with SMTP workers, and a flood comes from few addresses."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -113,19 +117,16 @@ def share(smtp: SmtpConfig) -> SmtpConfig:
 
     The counts that are about clients (connections in all, connections and messages a minute
     per client) are kept by the relay process for every worker, as Postfix's anvil keeps them
-    for every smtpd: exact, whichever worker the kernel hands a connection to. So a worker
-    counts no rate of its own, and its connection caps never bind before the shared ones. The
-    DATA buffer is memory of the worker's own process: each gets its part of the budget, never
-    less than one message of the largest size. One process keeps the limits as configured.
+    for every smtpd: exact, whichever worker the kernel hands a connection to. A worker's own
+    count of them, with the same values, can never refuse first (its clients are a part of all
+    of them), so they stay as they are. The DATA buffer is memory of the worker's own process:
+    each gets its part of the budget, never less than one message of the largest size.
     """
     workers = smtp.workers
     if workers == 1:
         return smtp
-    return dataclasses.replace(
-        smtp,
-        rate_per_ip=0,
-        max_inflight_bytes=max(smtp.max_message_size, smtp.max_inflight_bytes // workers),
-    )
+    budget = max(smtp.max_message_size, smtp.max_inflight_bytes // workers)
+    return dataclasses.replace(smtp, max_inflight_bytes=budget)
 
 
 class Limits:

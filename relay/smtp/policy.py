@@ -80,6 +80,18 @@ class Verifier(Protocol):
 cache_key = address_key  # the remembered answers' key, shared with `relay recipients`
 
 
+def takes_every_address(settings: DomainConfig) -> bool:
+    """The domain accepts every address without asking anyone or remembering anything: no
+    recipient list, no callout, not only while its primary is down. An SMTP worker decides
+    these by itself (relay.workers), without asking the relay process."""
+    return (
+        not settings.recipients
+        and not settings.recipients_file
+        and settings.verify != "callout"
+        and settings.accept != "when_primary_down"
+    )
+
+
 # -- static lists ------------------------------------------------------------------------------
 
 
@@ -349,6 +361,8 @@ class RecipientPolicy:
         self, session: InboundSession, settings: DomainConfig, address: str
     ) -> Refusal | None:
         """None to accept `address` (of the configured domain `settings`), else the refusal."""
+        if takes_every_address(settings):
+            return None
         if settings.accept == "when_primary_down" and await self.health.current(settings.name):
             return Refusal(Replies.PRIMARY_UP.format(address=address), "primary_up")
         known = await self._known(settings, address)
