@@ -385,6 +385,10 @@ def relay_environment() -> dict[str, str]:
     return {**os.environ, ALLOW_ROOT: "1"}
 
 
+# The [smtp] keys every benchmark relay sets (see Relay).
+RELAY_SMTP: dict[str, Any] = {"rate_per_ip": 0, "max_connections_per_ip": 200}
+
+
 @dataclass
 class RelaySettings:
     """What a benchmark relay differs in from the shipped defaults, and why (see the doc)."""
@@ -395,6 +399,10 @@ class RelaySettings:
     # Whole sections more (spam, arc, dns: the sender-checks benchmark); "dns" replaces the
     # closed port below with a local name server.
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # More [smtp] keys (smtp.workers, the idle-sessions limits), written into its one table.
+    smtp: dict[str, Any] = field(default_factory=dict)
+    # CPUs the relay may run on (taskset -c), e.g. "0"; None: all of them.
+    cpus: str | None = None
 
 
 class Relay:
@@ -417,6 +425,7 @@ class Relay:
         self.queue_path = self.dir / "queue.db"
         self.config_path = self.dir / "relay.toml"
         self.config_path.write_text(self._config(settings))
+        self.cpus = settings.cpus
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "relay.log"
 
@@ -426,8 +435,7 @@ class Relay:
             "",
             "[smtp]",
             f'listen = ["{LOOPBACK}:{self.port}"]',
-            "rate_per_ip = 0",
-            "max_connections_per_ip = 200",
+            *(f"{k} = {_toml(v)}" for k, v in {**RELAY_SMTP, **settings.smtp}.items()),
             "",
             "[queue]",
             f'path = "{self.queue_path}"',
@@ -455,6 +463,8 @@ class Relay:
     def start(self, timeout: float = 120.0) -> float:
         """Starts `relay serve`; returns seconds until it greeted (opening a big queue counts)."""
         argv = [*relay_command(), "serve", "--config", str(self.config_path)]
+        if self.cpus is not None:
+            argv = ["taskset", "-c", self.cpus, *argv]
         self.reaper.note([f"{ALLOW_ROOT}=1", Path(argv[0]).name, *argv[1:]])
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         self.proc = subprocess.Popen(
@@ -494,6 +504,10 @@ class Relay:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The relay process and its SMTP workers (smtp.workers), if any."""
+        return descendants(self.pid)
 
     def scrape(self) -> float:
         """GET /metrics; returns the seconds it took (it reads the queue gauges from SQLite)."""
@@ -651,6 +665,13 @@ class Postfix:
     def pids(self) -> list[int]:
         pid = self.master_pid()
         return descendants(pid) if pid is not None else []
+
+    def pin(self, cpus: set[int]) -> None:
+        """Keeps the master and every daemon it has or will start on `cpus` (taskset's
+        effect, set after start: the daemons it forks later inherit the master's)."""
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, cpus)
 
     def flush(self) -> None:
         """`postqueue -f`: every deferred message is tried now (as an operator would)."""
