@@ -41,15 +41,19 @@ MESSAGES = {
 }
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_postfix_falls_back_to_the_relay_which_delivers_when_the_primary_returns(
-    workdir: Path, tmp_path: Path, relay_process: Callable[[Path], RelayProcess]
+    workdir: Path, tmp_path: Path, relay_process: Callable[[Path], RelayProcess], workers: int
 ) -> None:
+    """With smtp.workers = 2, Postfix talks to an SMTP worker and the relay process delivers."""
     port = free_port(PRIMARY_ADDRESS, RELAY_ADDRESS)
     primary = SmtpSink(workdir / "primary", PRIMARY_ADDRESS, port)
-    config = relay_config(tmp_path, port, {"example.test": primary.hostport})
+    domains = {"example.test": primary.hostport}
+    config = relay_config(tmp_path, port, domains, smtp={"workers": workers})
     queue = tmp_path / "queue" / "queue.db"
     relay = relay_process(config)
     assert relay.address is not None
+    assert ("SMTP worker 2 (pid" in relay.log()) == (workers == 2)
     sender = PostfixSender(
         workdir / "postfix",
         SENDER_ADDRESS,
