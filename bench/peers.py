@@ -722,3 +722,56 @@ def seconds(value: str) -> float:
         raise BenchError(f"cannot read Postfix time value {value!r}")
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
     return float(match.group(1)) * unit
+
+
+class FsyncCount:
+    """`argv` run under strace, which counts the fsync and fdatasync calls of it and of every
+    process it starts until the last of them exits. `-f --seccomp-bpf`: only those two calls
+    stop a traced process; every other one runs at full speed."""
+
+    def __init__(
+        self, reaper: Reaper, workdir: Path, name: str, argv: Sequence[str], env: dict[str, str]
+    ) -> None:
+        self.name = name
+        self.out = workdir / f"{name}.strace"
+        command = [
+            *("strace", "-f", "--seccomp-bpf", "-qq", "-c"),
+            *("-e", "trace=fsync,fdatasync", "-o", str(self.out)),
+            *argv,
+        ]
+        reaper.note(command)
+        self.proc = subprocess.Popen(
+            command,
+            env=env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        reaper.add(name, lambda: end_process(self.proc))
+
+    def traced(self) -> list[int]:
+        """The processes strace started (its children), first started first."""
+        return [pid for pid in descendants(self.proc.pid) if _parent(pid) == self.proc.pid]
+
+    def calls(self, timeout: float = 120.0) -> int:
+        """Waits for strace to end (every traced process gone); the calls it counted."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"{self.name}: traced processes still running") from exc
+        total = 0
+        for line in self.out.read_text().splitlines():
+            fields = line.split()
+            if fields and fields[-1] in ("fsync", "fdatasync"):
+                total += int(fields[3])
+        return total
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rpartition(")")[2].split()[1])
+    except OSError:
+        return 0

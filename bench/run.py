@@ -10,7 +10,8 @@ ratio. The results go to bench/results.json and docs/performance.md.
     .venv/bin/python bench/run.py --quick         # smaller counts, one trial: a smoke run
 
 Every process is ended by its own id on exit, failure or Ctrl-C, and each benchmark has a time
-budget (SIGALRM). Needs root (Postfix daemons run as the postfix user) and the postfix package.
+budget (SIGALRM). Needs root (Postfix daemons run as the postfix user) and the postfix and strace
+packages (`make interop` installs both: tests/interop/install.sh).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 import peers
 from peers import (
     BenchError,
+    FsyncCount,
     Postfix,
     Reaper,
     Relay,
@@ -47,10 +49,14 @@ from peers import (
     free_port,
     postconf_defaults,
     pss_kib,
+    relay_command,
+    relay_environment,
     rss_kib,
     seconds,
     settle,
+    smtp_ready,
     smtp_source,
+    tool,
     tree_cpu_seconds,
     wait_for,
 )
@@ -66,6 +72,8 @@ from report import (
     write_document,
 )
 
+from tests.postfix import PATH
+
 KB = 1024
 SENDERS = 20
 CLI_RUNS = 3  # runs of each queue command, of which the median is shown
@@ -79,7 +87,8 @@ Load comes from Postfix's `smtp-source` with 20 parallel sessions, one message p
 backup MX sees it: many senders, few messages each); the primary is Postfix's `smtp-sink`.
 Durability is the same on both sides and as shipped: Postfix's cleanup fsyncs each queue file
 before the 250, the relay commits with `PRAGMA synchronous=FULL` in WAL mode (relay/store/),
-several messages per commit. smtp-source fails the run on any reply other than 2xx/3xx, so a
+several messages per commit (section 1 counts the fsync and fdatasync calls per message on
+both sides, with strace). smtp-source fails the run on any reply other than 2xx/3xx, so a
 rate is never inflated by rejected mail; counts are checked in both queues and at the sink.
 The bench runs as root (Postfix's daemons need it), so the relay is started with
 RELAY_ALLOW_ROOT=1. All traffic stays on 127.0.0.1.
@@ -355,6 +364,48 @@ def cpu_share(relay: Relay, seconds: float) -> float:
     return (tree_cpu_seconds(relay.pid) - start) / seconds
 
 
+def fsyncs_per_message(ctx: Context, primary: int, messages: int) -> dict[str, float]:
+    """fsync and fdatasync calls per message on each side, from start to stop under strace,
+    less the same for a start and stop with no mail: each side takes `messages` over SMTP and
+    defers every one of them (the primary is down) before it is stopped."""
+    counts: dict[str, list[int]] = {"relay": [], "postfix": []}
+    for sent in (0, messages):
+        relay = Relay(
+            ctx.reaper,
+            ctx.workdir,
+            RelaySettings(primary, smtp={"workers": "auto"}),
+            f"relay-fsync-{sent}",
+        )
+        argv = [*relay_command(), "serve", "--config", str(relay.config_path)]
+        traced = FsyncCount(ctx.reaper, relay.dir, f"relay-fsync-{sent}", argv, relay_environment())
+        wait_for("the traced relay to greet", lambda r=relay: smtp_ready(r.port), 60)
+        if sent:
+            smtp_source(ctx.reaper, relay.port, messages=sent, size=4 * KB)
+        wait_for("the relay to defer every message", lambda r=relay: r.never_tried() == 0, 120)
+        os.kill(traced.traced()[0], signal.SIGTERM)
+        counts["relay"].append(traced.calls())
+        ctx.reaper.discard(traced.name)
+
+        postfix = Postfix(ctx.reaper, ctx.workdir, primary, f"postfix-fsync-{sent}")
+        argv = [tool("postfix"), "-c", str(postfix.control.config_dir), "start"]
+        traced = FsyncCount(
+            ctx.reaper, postfix.dir, f"postfix-fsync-{sent}", argv, {**os.environ, "PATH": PATH}
+        )
+        postfix.running = True
+        wait_for("the traced Postfix to greet", lambda p=postfix: smtp_ready(p.port), 60)
+        if sent:
+            smtp_source(ctx.reaper, postfix.port, messages=sent, size=4 * KB)
+        wait_for(
+            "Postfix to defer every message",
+            lambda p=postfix, n=sent: p.count(("incoming", "active")) == 0 and p.count() == n,
+            120,
+        )
+        postfix.stop()
+        counts["postfix"].append(traced.calls())
+        ctx.reaper.discard(traced.name)
+    return {side: (full - empty) / messages for side, (empty, full) in counts.items()}
+
+
 def one_core(ctx: Context, dead_primary: int, messages: int) -> dict[str, list[float]]:
     """Accept 4 KB on one core: the relay started under `taskset -c 0` (so "auto" means one
     process), Postfix's master and daemons kept on CPU 0 as well."""
@@ -472,6 +523,20 @@ def bench_accept(ctx: Context) -> Section:
             target="< 10 MiB",
             met=grown < 10,
             detail="RSS summed over the relay's processes, with the sessions open minus before",
+        )
+    )
+    counted = 500 if ctx.quick else 5000
+    progress(f"fsyncs: {counted:,} messages each side under strace")
+    fsyncs = fsyncs_per_message(ctx, dead_primary, counted)
+    out.rows.append(
+        Row(
+            measure="fsync and fdatasync calls per accepted 4 KB message, 20 senders",
+            unit="calls",
+            relay=fsyncs["relay"],
+            postfix=fsyncs["postfix"],
+            better="lower",
+            detail=f"strace -f -c over {counted:,} messages taken and deferred (primary down),"
+            " start to stop, less a start and stop with no mail; relay with smtp.workers = auto",
         )
     )
     pinned = 1000 if ctx.quick else 10000

@@ -22,8 +22,9 @@ root=${RELAY_INTEROP_ROOT:-/opt/relay-interop}
 # chromium renders the /status page in tests/interop/test_status_page.py; dovecot-imapd serves
 # the rescue mailboxes in tests/interop/test_rescue_imap.py; rspamd is the content filter of
 # tests/interop/test_rspamd.py (the policy-rc.d below keeps its system service from starting:
-# the test runs a private instance on a loopback high port).
-packages=(postfix swaks libnet-ssleay-perl dnsmasq-base chromium rspamd dovecot-imapd)
+# the test runs a private instance on a loopback high port). strace counts both sides' fsyncs
+# in the benchmark (bench/run.py), which uses this suite's Postfix too.
+packages=(postfix swaks libnet-ssleay-perl dnsmasq-base chromium rspamd dovecot-imapd strace)
 # Exim's and OpenSMTPD's shared libraries (their packages' Depends, less the MTA packages).
 libraries=(libdb5.3 libevent-2.1-7 libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libnsl2
     libpcre2-8-0 libssl3 libcrypt1 zlib1g libpam0g)
