@@ -39,7 +39,7 @@ from relay.smtp.intake import IntakeHandler, RelaySMTP, Replies, smtp_protocol
 from relay.smtp.limits import Limits, Refusal
 from relay.smtp.policy import RecipientPolicy
 from relay.store import AsyncStore, DomainControl, NewMessage, StorageError, Store
-from relay.workers import Acceptors, Families, StandIn, bind, merge
+from relay.workers import Acceptors, Families, StandIn, address_of, bind, merge
 
 log = logging.getLogger("relay")
 T = TypeVar("T")
@@ -355,12 +355,8 @@ class Relay:
 
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:
-        found = []
         sockets = [sock for server in self.smtp_servers for sock in server.sockets]
-        for sock in [*sockets, *self.listeners]:
-            name = sock.getsockname()
-            found.append((str(name[0]), int(name[1])))
-        return found
+        return [address_of(sock) for sock in [*sockets, *self.listeners]]
 
     def reload(self, path: str) -> None:
         """SIGHUP: re-read the config; keep the old one (and say why) if the new one is bad."""
@@ -433,11 +429,7 @@ def _name(sock: socket.socket) -> str:
 
 
 def _sockname(server: asyncio.Server) -> str:
-    names = []
-    for sock in server.sockets:
-        host, port = sock.getsockname()[:2]
-        names.append(hostport(host, port))
-    return ", ".join(names)
+    return ", ".join(_name(sock) for sock in server.sockets)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

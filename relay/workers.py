@@ -14,8 +14,10 @@ durable; a storage error, or an owner that is gone, is a 451. Recipient checks (
 and what they remember, the primary's health) are asked of the owner as well, so the relay keeps
 one memory of them and one callout per address, however many processes take mail.
 
-Limits that count clients (connections, messages a minute, the DATA buffer) are each acceptor's
-own, with the budget divided between them (relay.smtp.limits.share).
+The limits that count clients (connections in all and per client, messages a minute per
+client) are counted by the owner for every acceptor (`SharedCounts`, as Postfix's anvil counts
+them for every smtpd), so they stay exact; only the DATA buffer, each process's own memory, is
+divided between them (relay.smtp.limits.share).
 
 The socket pair carries length-prefixed pickles both ways: requests with an id, and the replies
 to them. Both ends are this program, started by its owner, so unpickling is no wider a door than
@@ -246,13 +248,16 @@ class SharedCounts:
         held[client_ip] -= 1
         if not held[client_ip]:
             del held[client_ip]
-        self.limits.disconnect(_Visitor(client_ip, slot=client_key(client_ip)))
+        self._release(client_ip)
 
     def forget(self, worker: int) -> None:
         """The worker is gone, and its sessions with it."""
         for client_ip, count in self.held.pop(worker, collections.Counter()).items():
             for _ in range(count):
-                self.limits.disconnect(_Visitor(client_ip, slot=client_key(client_ip)))
+                self._release(client_ip)
+
+    def _release(self, client_ip: str) -> None:
+        self.limits.disconnect(_Visitor(client_ip, slot=client_key(client_ip)))
 
     def message(self, client_ip: str) -> Refusal | None:
         return self.limits.rate(client_ip)
@@ -556,7 +561,7 @@ class Acceptor:
         self.config = replace(config, smtp=share(config.smtp))
         self._router = Router(
             hostname=config.hostname,
-            listen=[_address(sock) for sock in self.listeners],
+            listen=[address_of(sock) for sock in self.listeners],
             nameservers=config.dns.nameservers,
             mx_port=config.delivery.mx_port,
         )
@@ -621,7 +626,8 @@ class Acceptor:
             await asyncio.wait_for(handler.idle.wait(), grace)
 
 
-def _address(sock: socket.socket) -> tuple[str, int]:
+def address_of(sock: socket.socket) -> tuple[str, int]:
+    """(address, port) a listening socket is bound to: what the router must know is us."""
     name = sock.getsockname()
     return str(name[0]), int(name[1])
 
