@@ -312,13 +312,14 @@ def per_cpu_row(name: str, measure: str, per_cpu: dict[str, list[float]]) -> Row
     )
 
 
-def memory_mib(pids: list[int]) -> tuple[float, float]:
-    """(RSS sum, PSS sum) over processes, in MiB."""
-    rss = pss = 0
+def memory_mib(pids: list[int]) -> tuple[float, float, int]:
+    """(RSS sum, PSS sum) in MiB over the processes, and how many were read: one that exits
+    while being read (Postfix's daemons come and go) is left out rather than failing the run."""
+    rss = pss = count = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            rss, pss = rss + rss_kib(pid)[0], pss + pss_kib(pid)
-    return mib(rss), mib(pss)
+            rss, pss, count = rss + rss_kib(pid)[0], pss + pss_kib(pid), count + 1
+    return mib(rss), mib(pss), count
 
 
 def idle_sessions(ctx: Context, primary: int) -> tuple[float, float, float]:
@@ -332,7 +333,7 @@ def idle_sessions(ctx: Context, primary: int) -> tuple[float, float, float]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * IDLE_SESSIONS)), hard))
     settle()
-    before, _ = memory_mib(relay.pids())
+    before, _, _ = memory_mib(relay.pids())
     quiet = cpu_share(relay, IDLE_HOLD)
     clients: list[socket.socket] = []
     try:
@@ -349,7 +350,7 @@ def idle_sessions(ctx: Context, primary: int) -> tuple[float, float, float]:
                 raise BenchError(f"EHLO of an idle session: {line!r}")
         time.sleep(1.0)  # the last replies written, the loop idle again
         busy = cpu_share(relay, IDLE_HOLD)
-        after, _ = memory_mib(relay.pids())
+        after, _, _ = memory_mib(relay.pids())
         return quiet, busy, after - before
     finally:
         for client in clients:
@@ -479,7 +480,7 @@ def bench_accept(ctx: Context) -> Section:
             f"every accepted message in {name}'s queue", lambda s=system: s.queued() == sent, 60
         )
     wait_for("every accepted message in Postfix's queue", lambda: postfix.count() == sent, 60)
-    rss, pss = memory_mib(relay.pids())
+    rss, pss, _ = memory_mib(relay.pids())
     biggest = max(rss_kib(pid)[0] for pid in relay.pids())
     out.rows.append(
         Row(
@@ -902,18 +903,10 @@ def relay_footprint(ctx: Context, count: int, messages: int) -> dict[str, Any]:
 
 
 def postfix_memory(postfix: Postfix) -> tuple[float, float, int]:
-    """(PSS sum, RSS sum, process count) over the master and everything below it.
-
-    Postfix's daemons come and go (an idle smtpd exits after max_idle): one that exits while
-    being read is left out rather than failing the benchmark."""
-    pss = rss = count = 0
-    for pid in postfix.pids():
-        try:
-            pss_one, rss_one = pss_kib(pid), rss_kib(pid)[0]
-        except OSError:
-            continue
-        pss, rss, count = pss + pss_one, rss + rss_one, count + 1
-    return mib(pss), mib(rss), count
+    """(PSS sum, RSS sum, process count) over the master and everything below it (an idle
+    smtpd exits after max_idle: one gone while being read is left out)."""
+    rss, pss, count = memory_mib(postfix.pids())
+    return pss, rss, count
 
 
 def postfix_footprint(ctx: Context, count: int, messages: int) -> dict[str, Any]:
