@@ -318,7 +318,9 @@ def keep_sending(
             stop.wait(0.02)  # killed or restarting: reconnect unless told to stop
 
 
-def sigkill_config(tmp_path: Path, port: int, primary: ScriptedPrimary, **overrides: Any) -> Path:
+def sigkill_config(
+    tmp_path: Path, port: int, primary: ScriptedPrimary, workers: int = 1, **overrides: Any
+) -> Path:
     """A relay on a fixed port (clients reconnect after each kill) delivering to `primary`."""
     return write_config(
         tmp_path,
@@ -327,6 +329,7 @@ def sigkill_config(tmp_path: Path, port: int, primary: ScriptedPrimary, **overri
             "rate_per_ip": 0,
             "max_connections_per_ip": 100,
             "max_messages_per_session": 100000,
+            "workers": workers,
         },
         delivery={"probe_interval": "1s", "timeout": "10s"},
         retry={"min": "1s", "max": "2s"},
@@ -848,17 +851,21 @@ class Operator:
             self.failures.append(f"{what}: exit {done.returncode}: {done.stderr.decode()[:200]}")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_while_operators_scrape_reload_and_run_every_command_loses_nothing(
     tmp_path: Path,
     relay_process: Callable[[Path], RelayProcess],
     primary: ScriptedPrimary,
     record_property: Callable[[str, object], None],
+    workers: int,
 ) -> None:
     """Issue 12: a scrape plus a CLI read once detached the server from its WAL, and every 250
     after that was lost at the next crash. Here everything operators do runs against the live
-    queue while clients send, the primary goes down and up, and the server is SIGKILLed."""
+    queue while clients send, the primary goes down and up, and the server is SIGKILLed. With
+    smtp.workers = 2 the scrapes sum three processes, the SIGHUPs reach the workers through
+    the relay process, and each SIGKILL leaves two workers to end by themselves."""
     port = free_port()
-    config = sigkill_config(tmp_path, port, primary)  # metrics on: the operator scrapes
+    config = sigkill_config(tmp_path, port, primary, workers)  # metrics on: the operator scrapes
     queue = tmp_path / "queue" / "queue.db"
     seed = fault_seed()
     rng = random.Random(seed)
@@ -909,7 +916,7 @@ def test_sigkill_while_operators_scrape_reload_and_run_every_command_loses_nothi
 
     wait_for(
         lambda: set(operator.queued_ids()) == held - raced(),
-        "everything but the held mail delivered",
+        f"everything but the held mail delivered (seed {seed}: RELAY_FAULT_SEED replays it)",
         120,
     )
     assert len(raced()) <= 1, f"holds not obeyed (seed {seed}): {sorted(raced())}"
@@ -927,7 +934,8 @@ def test_sigkill_while_operators_scrape_reload_and_run_every_command_loses_nothi
     duplicates = {token: count for token, count in delivered.items() if count > 1}
     record_property(
         "figures",
-        f"SIGKILL with operators (seed {seed}): {OPERATOR_KILLS} kills, {len(ledger)} acknowledged,"
+        f"SIGKILL with operators, {workers} SMTP process(es) (seed {seed}): {OPERATOR_KILLS}"
+        f" kills, {len(ledger)} acknowledged,"
         f" {sum(operator.steps.values())} operator steps ({dict(sorted(operator.steps.items()))}),"
         f" {len(operator.removed)} deleted or bounced, {len(delivered)} distinct delivered,"
         f" {sum(c - 1 for c in duplicates.values())} duplicate copies, {len(lost)} lost",
